@@ -1,0 +1,49 @@
+"""Embed image-caption WebDataset shards with Taiyi-CLIP into Parquet tables (one per shard) on Ray.
+
+    python jobs/embed_wukong.py --config configs/demo.yaml
+    ray job submit --working-dir . -- python jobs/embed_wukong.py --config configs/wukong.yaml --set input=...
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir
+
+from pipeline.config import dump, load_config  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="dotted.key=value",
+                        help="override a config field, e.g. --set encoder.actors=8 (repeatable)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.set)
+    except (ValueError, OSError) as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger("embed").info("resolved config:\n%s", dump(cfg))
+
+    from pipeline.demo import make_demo_shards
+    from pipeline.run import init_ray, run_embed_job
+
+    if cfg.make_demo_shards:
+        make_demo_shards(cfg)
+    init_ray(cfg)
+    summary = run_embed_job(cfg)
+    report = {k: summary[k] for k in ("run_id", "shards_in_input", "shards_skipped_already_committed",
+                                      "shards_committed", "shards_failed", "samples", "ok", "error",
+                                      "errors_by_reason", "pairs_per_s", "wall_s", "random_weights")}
+    print("summary: " + json.dumps(report, ensure_ascii=False), flush=True)
+    for url, reason in summary["failed_shards"].items():
+        print(f"failed shard {url}: {reason}", file=sys.stderr)
+    return 1 if summary["failed_shards"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

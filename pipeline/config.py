@@ -1,0 +1,224 @@
+"""Typed job configuration: YAML file + `--set dotted.key=value` overrides, validated before Ray starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+EMBEDDING_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    # Hugging Face id or local directory of the Taiyi text tower (BertForSequenceClassification, 512 logits)
+    text: str = "IDEA-CCNL/Taiyi-CLIP-Roberta-102M-Chinese"
+    # git revision (commit, tag, branch) of `text` on the Hub; null = main
+    text_revision: str | None = None
+    # Hugging Face id or local directory of the CLIP image tower (vision model + visual projection are loaded)
+    image: str = "openai/clip-vit-base-patch32"
+    # git revision of `image` on the Hub; null = main
+    image_revision: str | None = None
+    # tokenizer id/dir; null = the text model's own tokenizer, or the bundled Chinese BERT vocab if it ships none
+    tokenizer: str | None = None
+    # auto | fp32 | fp16 | bf16 (auto: fp16 on CUDA, fp32 on CPU)
+    precision: str = "auto"
+    # demo only: if the weights cannot be fetched, use random weights of the same architecture (loudly)
+    random_init_fallback: bool = False
+
+
+@dataclass(frozen=True)
+class ReadCfg:
+    # samples per block that leaves a read task (bounds memory: ~150 KB of pixels per sample)
+    batch_size: int = 128
+    # CPU cores reserved per read+decode task
+    num_cpus: float = 1.0
+    # attempts per shard before it is reported as failed (transient storage errors)
+    attempts: int = 3
+    # first retry delay in seconds, doubled on each attempt
+    retry_backoff_s: float = 1.0
+    # images whose header claims more pixels than this are rejected before decoding (decompression bombs)
+    max_image_pixels: int = 89_478_485
+    # side of the square image fed to the image tower (OpenAI CLIP protocol: 224)
+    image_size: int = 224
+
+
+@dataclass(frozen=True)
+class EncoderCfg:
+    # number of encoder actors (one per GPU on a GPU cluster)
+    actors: int = 1
+    # GPUs reserved per actor; 0 runs the towers on CPU
+    num_gpus: float = 0.0
+    # CPU cores reserved per actor; keep below the node's cores so read tasks are not starved
+    num_cpus: float = 1.0
+    # pairs per forward pass
+    batch_size: int = 64
+    # torch intra-op threads inside each actor (Ray sets OMP_NUM_THREADS to num_cpus otherwise)
+    torch_threads: int = 1
+
+
+@dataclass(frozen=True)
+class WriteCfg:
+    # CPU cores reserved per part-writing task
+    num_cpus: float = 0.25
+    # float16 halves storage; float32 for readers without Parquet FLOAT16 (Spark)
+    embedding_dtype: str = "float16"
+    # Parquet compression codec
+    compression: str = "zstd"
+
+
+@dataclass(frozen=True)
+class StorageCfg:
+    # S3-compatible endpoint (MinIO, Ceph, OSS, COS ...); null = AWS or AWS_ENDPOINT_URL
+    endpoint_url: str | None = None
+    # S3 region; null = AWS_REGION / profile default
+    region: str | None = None
+    # unsigned requests (public buckets); credentials always come from the AWS env/profile chain
+    anonymous: bool = False
+
+
+@dataclass(frozen=True)
+class RayCfg:
+    # cluster address; null = RAY_ADDRESS if set (ray job submit), else a local Ray
+    address: str | None = None
+    # CPUs of a local Ray started by the job; null = all cores
+    num_cpus: int | None = None
+    # seconds between progress lines
+    progress_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class JobCfg:
+    # fsspec URL of the shards: a path, glob or brace range, e.g. s3://bucket/wukong/{00000..09999}.tar
+    input: str = ""
+    # folder URL; embeddings land in {output}/embeddings/{shard}.parquet
+    output: str = ""
+    # recompute shards already committed in output (default: skip them, so reruns resume)
+    overwrite: bool = False
+    # demo only: create the small sample shards at `input`'s folder before running
+    make_demo_shards: bool = False
+    model: ModelCfg = field(default_factory=ModelCfg)
+    read: ReadCfg = field(default_factory=ReadCfg)
+    encoder: EncoderCfg = field(default_factory=EncoderCfg)
+    write: WriteCfg = field(default_factory=WriteCfg)
+    storage: StorageCfg = field(default_factory=StorageCfg)
+    ray: RayCfg = field(default_factory=RayCfg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobCfg:
+    """Read a YAML file, apply `dotted.key=value` overrides, build and validate the config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects dotted.key=value, got {override!r}")
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(value) if value.strip() else None
+    cfg = _build(JobCfg, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _build(cls, raw: dict[str, Any], prefix: str):
+    if not isinstance(raw, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)} "
+                         f"(known in this section: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, where: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, where + ".")
+    optional = get_origin(hint) in (Union, types.UnionType) and type(None) in get_args(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{where}: must not be null")
+    base = next(a for a in get_args(hint) if a is not type(None)) if optional else hint
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif base is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ValueError(f"{where}: expected {base.__name__}, got {value!r}")
+
+
+def validate(cfg: JobCfg) -> None:
+    """Raise ValueError naming the field for every value that cannot work."""
+    if not cfg.input:
+        raise ValueError("input: required (fsspec URL of the shards, e.g. s3://bucket/wukong/{00000..09999}.tar)")
+    if not cfg.output:
+        raise ValueError("output: required (folder URL for the embedding tables)")
+    if not cfg.model.text or not cfg.model.image:
+        raise ValueError("model.text and model.image: required (Hugging Face id or local directory)")
+    if cfg.model.precision not in PRECISIONS:
+        raise ValueError(f"model.precision: expected one of {', '.join(PRECISIONS)}, got {cfg.model.precision!r}")
+    if cfg.write.embedding_dtype not in EMBEDDING_DTYPES:
+        raise ValueError(f"write.embedding_dtype: expected one of {', '.join(EMBEDDING_DTYPES)}, "
+                         f"got {cfg.write.embedding_dtype!r}")
+    positive = {
+        "read.batch_size": cfg.read.batch_size, "read.attempts": cfg.read.attempts,
+        "read.max_image_pixels": cfg.read.max_image_pixels, "read.image_size": cfg.read.image_size,
+        "encoder.actors": cfg.encoder.actors, "encoder.batch_size": cfg.encoder.batch_size,
+        "encoder.torch_threads": cfg.encoder.torch_threads, "ray.progress_interval_s": cfg.ray.progress_interval_s,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ValueError(f"{name}: must be > 0, got {value}")
+    non_negative = {
+        "read.num_cpus": cfg.read.num_cpus, "read.retry_backoff_s": cfg.read.retry_backoff_s,
+        "encoder.num_gpus": cfg.encoder.num_gpus, "encoder.num_cpus": cfg.encoder.num_cpus,
+        "write.num_cpus": cfg.write.num_cpus,
+    }
+    for name, value in non_negative.items():
+        if value < 0:
+            raise ValueError(f"{name}: must be >= 0, got {value}")
+    if cfg.encoder.num_gpus == 0 and cfg.model.precision == "fp16":
+        raise ValueError("model.precision: fp16 needs a GPU (encoder.num_gpus > 0); use fp32 or bf16 on CPU")
+    if cfg.ray.num_cpus is not None and cfg.ray.num_cpus < 1:
+        raise ValueError(f"ray.num_cpus: must be >= 1, got {cfg.ray.num_cpus}")
+    if cfg.ray.num_cpus is not None and cfg.ray.address is None:
+        # an actor pool that reserves every CPU starves the read tasks: Ray then waits forever, silently
+        needed = cfg.encoder.actors * cfg.encoder.num_cpus
+        if needed >= cfg.ray.num_cpus:
+            raise ValueError(f"encoder.actors x encoder.num_cpus = {needed:g} reserves all {cfg.ray.num_cpus} CPUs "
+                             "of the local Ray (ray.num_cpus); leave room for the read tasks")
+
+
+def dump(cfg: JobCfg) -> str:
+    """The resolved config as one JSON document (it never holds credentials: those come from the environment)."""
+    return json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False)

@@ -1,0 +1,156 @@
+"""The two Taiyi-CLIP towers in a Ray actor: uint8 pixels and token ids in, L2-normalised embeddings out."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import JobCfg
+from pipeline.schema import EMBEDDING_DIM, STATUS_ERROR, STATUS_OK
+
+log = logging.getLogger(__name__)
+
+# OpenAI CLIP normalisation (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# architectures of the real checkpoints, for the demo's random-weight fallback and the benchmark
+TEXT_ARCH = dict(vocab_size=21128, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2, num_labels=EMBEDDING_DIM)
+IMAGE_ARCH = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  image_size=224, patch_size=32, projection_dim=EMBEDDING_DIM, hidden_act="quick_gelu")
+
+
+def weights_reachable(name: str, revision: str | None) -> bool:
+    """Whether from_pretrained(name) can find a config: a local folder, the HF cache, or a reachable Hub.
+
+    Runs on the driver for the demo's fallback decision only; it fetches a config file, never weights.
+    """
+    if Path(name).is_dir():
+        return (Path(name) / "config.json").exists()
+    from huggingface_hub import hf_hub_download
+
+    with contextlib.suppress(Exception):
+        hf_hub_download(name, "config.json", revision=revision, local_files_only=True)
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.getaddrinfo(host, 443)  # offline machines fail here at once instead of after retries
+        hf_hub_download(name, "config.json", revision=revision)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not available"
+        return False
+
+
+def load_towers(cfg: JobCfg, random_weights: bool):
+    """(text model, image model) in eval mode. Only the vision tower and projection of CLIP are loaded."""
+    from transformers import (BertConfig, BertForSequenceClassification, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+
+    if random_weights:
+        log.warning("RANDOM WEIGHTS: %s / %s could not be fetched; embeddings are meaningless (demo only)",
+                    cfg.model.text, cfg.model.image)
+        text = BertForSequenceClassification(BertConfig(**TEXT_ARCH))
+        image = CLIPVisionModelWithProjection(CLIPVisionConfig(**IMAGE_ARCH))
+    else:
+        # safetensors are preferred when present; .bin files load with torch.load(weights_only=True)
+        text = BertForSequenceClassification.from_pretrained(cfg.model.text, revision=cfg.model.text_revision)
+        image = CLIPVisionModelWithProjection.from_pretrained(cfg.model.image, revision=cfg.model.image_revision)
+    if text.config.num_labels != EMBEDDING_DIM or image.config.projection_dim != EMBEDDING_DIM:
+        raise ValueError(f"expected {EMBEDDING_DIM}-d towers, got text num_labels={text.config.num_labels}, "
+                         f"image projection_dim={image.config.projection_dim}")
+    if image.config.image_size != cfg.read.image_size:
+        raise ValueError(f"read.image_size={cfg.read.image_size} but {cfg.model.image} expects "
+                         f"{image.config.image_size}x{image.config.image_size} images")
+    return text.eval(), image.eval()
+
+
+class Encoder:
+    """Ray Data actor: loads the towers once, then embeds batches of prepared rows."""
+
+    def __init__(self, cfg: JobCfg, random_weights: bool = False):
+        import torch
+
+        torch.set_num_threads(cfg.encoder.torch_threads)
+        if cfg.encoder.num_gpus > 0:
+            if not torch.cuda.is_available():
+                raise RuntimeError("encoder.num_gpus > 0 but this actor sees no CUDA device")
+            self.device = torch.device("cuda")
+        else:
+            self.device = torch.device("cpu")
+        precision = cfg.model.precision
+        if precision == "auto":
+            precision = "fp16" if self.device.type == "cuda" else "fp32"
+        self.autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        self.embedding_dtype = np.float16 if cfg.write.embedding_dtype == "float16" else np.float32
+        self.text_model, self.image_model = (m.to(self.device) for m in load_towers(cfg, random_weights))
+        self.mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
+        self.pixel_bytes = cfg.read.image_size ** 2 * 3
+        self.image_size = cfg.read.image_size
+        log.info("encoder on %s, precision %s, %d torch threads", self.device, precision, torch.get_num_threads())
+
+    def embed(self, pixels: np.ndarray, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """float32 (image embeddings, text embeddings, similarity) for uint8 NHWC pixels and int token ids."""
+        import torch
+
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
+            images = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+            images = (images.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+            image_features = self.image_model(pixel_values=images).image_embeds
+            ids = torch.from_numpy(input_ids.astype(np.int64)).to(self.device, non_blocking=True)
+            text_features = self.text_model(input_ids=ids).logits
+        image_features = torch.nn.functional.normalize(image_features.float(), dim=-1)
+        text_features = torch.nn.functional.normalize(text_features.float(), dim=-1)
+        similarity = (image_features * text_features).sum(dim=-1)
+        return image_features.cpu().numpy(), text_features.cpu().numpy(), similarity.cpu().numpy()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        errors = batch.column("error").to_pylist()
+        positions = batch.column("position").to_numpy()
+        todo = np.flatnonzero((positions >= 0) & np.array([e is None for e in errors], dtype=bool))
+        image_emb = np.zeros((n, EMBEDDING_DIM), np.float32)
+        text_emb = np.zeros((n, EMBEDDING_DIM), np.float32)
+        similarity = np.zeros(n, np.float32)
+        if len(todo):
+            pixels_col = batch.column("pixels").combine_chunks()
+            raw = np.frombuffer(pixels_col.buffers()[1], np.uint8, count=(pixels_col.offset + n) * self.pixel_bytes)
+            pixels = raw[pixels_col.offset * self.pixel_bytes:].reshape(n, self.image_size, self.image_size, 3)
+            ids_col = batch.column("input_ids").combine_chunks()
+            input_ids = ids_col.flatten().to_numpy().reshape(n, -1)
+            image_emb[todo], text_emb[todo], similarity[todo] = self.embed(pixels[todo], input_ids[todo])
+        ok = np.zeros(n, bool)
+        ok[todo] = True
+        return embedded_table(batch, ok, image_emb.astype(self.embedding_dtype),
+                              text_emb.astype(self.embedding_dtype), similarity)
+
+
+def embedded_table(batch: pa.Table, ok: np.ndarray, image_emb: np.ndarray, text_emb: np.ndarray,
+                   similarity: np.ndarray) -> pa.Table:
+    """The batch with pixels and token ids replaced by status, embeddings (null unless ok) and similarity."""
+    value_type = pa.from_numpy_dtype(image_emb.dtype)
+    invalid = pa.array(~ok)
+
+    def vectors(emb: np.ndarray) -> pa.Array:
+        values = pa.array(emb.reshape(-1), value_type)
+        return pa.FixedSizeListArray.from_arrays(values, EMBEDDING_DIM, mask=invalid)
+
+    positions = batch.column("position").to_numpy()
+    status = np.where(ok, STATUS_OK, STATUS_ERROR).astype(object)
+    status[positions < 0] = None  # marker rows are not samples
+    return batch.drop_columns(["pixels", "input_ids"]).append_column(
+        "status", pa.array(status, pa.string())).append_column(
+        "image_embedding", vectors(image_emb)).append_column(
+        "text_embedding", vectors(text_emb)).append_column(
+        "similarity", pa.array(np.where(ok, similarity, np.nan).astype(np.float32), pa.float32(),
+                               mask=~ok))

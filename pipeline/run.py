@@ -1,0 +1,218 @@
+"""The embed job's driver: build the Ray Data flow, commit shards as they complete, report progress and a summary.
+
+shards -> read_shards (CPU) -> preprocess (CPU) -> Encoder actors (GPU/CPU) -> write_parts (CPU) -> driver commits
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import ray
+
+from pipeline import storage
+from pipeline.config import JobCfg
+from ray.data import ActorPoolStrategy
+
+from pipeline.encode import Encoder, weights_reachable
+from pipeline.preprocess import preprocess, resolve_tokenizer
+from pipeline.read import read_shards
+from pipeline.schema import file_metadata
+from pipeline.shards import Shard, committed_names, list_shards
+from pipeline.write import commit_shard, staging_dir, write_parts
+
+log = logging.getLogger(__name__)
+
+# a truncated shard keeps the samples before the cut: it is committed, and reported
+COMMITTABLE_SHARD_ERRORS = ("shard_truncated",)
+
+
+def ray_resources(cfg: JobCfg) -> dict:
+    """The one place where config becomes Ray resources, for each stage of the flow."""
+    return {
+        "read": dict(num_cpus=cfg.read.num_cpus),
+        "encode": dict(num_cpus=cfg.encoder.num_cpus, num_gpus=cfg.encoder.num_gpus,
+                       compute=ActorPoolStrategy(size=cfg.encoder.actors), batch_size=cfg.encoder.batch_size),
+        "write": dict(num_cpus=cfg.write.num_cpus),
+    }
+
+
+def build_dataset(cfg: JobCfg, shards: list[Shard], run_id: str, random_weights: bool,
+                  tokenizer: tuple[str, str | None]) -> ray.data.Dataset:
+    resources = ray_resources(cfg)
+    # one shard per block, so shards are read in parallel and a failed read retries one shard
+    ds = ray.data.from_items([{"shard": s.url} for s in shards], override_num_blocks=len(shards))
+    ds = ds.map_batches(read_shards, batch_format="pyarrow", batch_size=None, fn_kwargs={"cfg": cfg},
+                        **resources["read"])
+    ds = ds.map_batches(preprocess, batch_format="pyarrow", batch_size=None,
+                        fn_kwargs={"cfg": cfg, "tokenizer": tokenizer},
+                        **resources["read"])
+    ds = ds.map_batches(Encoder, batch_format="pyarrow",
+                        fn_constructor_kwargs={"cfg": cfg, "random_weights": random_weights}, **resources["encode"])
+    return ds.map_batches(write_parts, batch_format="pyarrow", batch_size=None,
+                          fn_kwargs={"cfg": cfg, "run_id": run_id}, **resources["write"])
+
+
+@dataclass
+class ShardProgress:
+    url: str
+    parts: list[str] = field(default_factory=list)
+    rows: int = 0
+    expected: int | None = None
+    shard_error: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.expected is not None and self.rows >= self.expected
+
+
+def decide_random_weights(cfg: JobCfg) -> bool:
+    """Production configs never fall back; the demo does, loudly, when the weights cannot be fetched."""
+    missing = [name for name, rev in ((cfg.model.text, cfg.model.text_revision),
+                                      (cfg.model.image, cfg.model.image_revision))
+               if not weights_reachable(name, rev)]
+    if not missing:
+        return False
+    if cfg.model.random_init_fallback:
+        banner = "!" * 78
+        log.warning("\n%s\n!! cannot fetch %s: using RANDOM weights of the same architecture.\n"
+                    "!! Similarities are meaningless; files record random_weights=true.\n%s",
+                    banner, ", ".join(missing), banner)
+        return True
+    raise SystemExit(f"cannot load model weights for {', '.join(missing)}: not a local folder with config.json "
+                     "and not reachable on the Hugging Face Hub. Download them where there is network "
+                     "(huggingface-cli download NAME --local-dir DIR) and point model.text / model.image at DIR.")
+
+
+def run_embed_job(cfg: JobCfg) -> dict:
+    """Embed every uncommitted shard of cfg.input into cfg.output; return the run summary."""
+    started = time.time()
+    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    shards = list_shards(cfg)
+    done_before = set() if cfg.overwrite else committed_names(cfg)
+    todo = [s for s in shards if s.name not in done_before]
+    log.info("run %s: %d shards in input, %d already committed (skipped), %d to embed",
+             run_id, len(shards), len(shards) - len(todo), len(todo))
+    fs, _ = storage.filesystem(cfg.output, cfg.storage)
+    stale = staging_dir(cfg)
+    if fs.exists(stale):
+        # parts left by a run that died before committing: never read, only removed
+        log.warning("removing staged parts of an earlier, interrupted run under %s", stale)
+        fs.rm(stale, recursive=True)
+
+    random_weights = decide_random_weights(cfg) if todo else False
+    tokenizer = resolve_tokenizer(cfg, random_weights)
+    metadata = file_metadata(cfg, random_weights, tokenizer[0])
+    progress = {s.url: ShardProgress(s.url) for s in todo}
+    commits: dict[str, ray.ObjectRef] = {}
+    results: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    commit_task = ray.remote(num_cpus=cfg.write.num_cpus, max_retries=3)(commit_shard)
+    pipeline_started, samples_seen, last_report = time.time(), 0, time.time()
+
+    def collect(block: bool) -> None:
+        pending = list(commits.values())
+        if not pending:
+            return
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=None if block else 0)
+        for url, ref in list(commits.items()):
+            if ref in ready:
+                del commits[url]
+                try:
+                    results[url] = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - a failed commit is reported, the shard stays uncommitted
+                    failed[url] = f"commit_failed: {exc}"
+
+    if todo:
+        ds = build_dataset(cfg, todo, run_id, random_weights, tokenizer)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for row in batch.to_pylist():
+                shard = progress[row["shard"]]
+                if row["part"] is not None:
+                    shard.parts.append(row["part"])
+                    shard.rows += row["rows"]
+                    samples_seen += row["rows"]
+                else:
+                    shard.expected, shard.shard_error = row["shard_samples"], row["shard_error"]
+                if shard.complete and shard.url not in commits and shard.url not in results:
+                    committable = shard.shard_error is None or shard.shard_error.startswith(COMMITTABLE_SHARD_ERRORS)
+                    if committable:
+                        commits[shard.url] = commit_task.remote(cfg, run_id, shard.url, shard.parts, shard.expected,
+                                                                metadata)
+                    else:
+                        failed[shard.url] = shard.shard_error
+            collect(block=False)
+            if time.time() - last_report >= cfg.ray.progress_interval_s:
+                last_report = time.time()
+                rate = samples_seen / max(time.time() - pipeline_started, 1e-9)
+                log.info("progress: %d/%d shards committed, %d failed, %d samples embedded, %.1f pairs/s",
+                         len(results), len(todo), len(failed), samples_seen, rate)
+        collect(block=True)
+        if fs.exists(staging_dir(cfg, run_id)):
+            fs.rm(staging_dir(cfg, run_id), recursive=True)
+        for shard in progress.values():
+            if shard.url not in results and shard.url not in failed:
+                failed[shard.url] = (shard.shard_error or
+                                     f"incomplete: {shard.rows} of {shard.expected} samples written")
+
+    summary = summarize(cfg, run_id, started, pipeline_started, shards, todo, results, failed, progress,
+                        random_weights)
+    write_summary(cfg, summary)
+    return summary
+
+
+def summarize(cfg, run_id, started, pipeline_started, shards, todo, results, failed, progress, random_weights):
+    finished = time.time()
+    totals = collections.Counter()
+    reasons = collections.Counter()
+    for counts in results.values():
+        totals.update({k: counts[k] for k in ("rows", "ok", "error")})
+        reasons.update(counts["errors_by_reason"])
+    embed_s = finished - (pipeline_started or finished)
+    return {
+        "run_id": run_id,
+        "started_utc": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(),
+        "wall_s": round(finished - started, 3),
+        "shards_in_input": len(shards),
+        "shards_skipped_already_committed": len(shards) - len(todo),
+        "shards_committed": len(results),
+        "shards_failed": len(failed),
+        "samples": totals["rows"],
+        "ok": totals["ok"],
+        "error": totals["error"],
+        "errors_by_reason": dict(reasons),
+        "pairs_per_s": round(totals["rows"] / (finished - started), 2) if finished > started else None,
+        "pairs_per_s_after_ray_start": round(totals["rows"] / embed_s, 2) if embed_s > 0 else None,
+        "random_weights": random_weights,
+        "failed_shards": {url: reason for url, reason in sorted(failed.items())},
+        "truncated_shards": {url: p.shard_error for url, p in progress.items()
+                             if url in results and p.shard_error},
+        "shards": {url: results[url] for url in sorted(results)},
+        "config": cfg.to_dict(),
+    }
+
+
+def write_summary(cfg: JobCfg, summary: dict) -> None:
+    fs, out = storage.filesystem(cfg.output, cfg.storage)
+    path = storage.join(out, "_runs", f"{summary['run_id']}.json")
+    storage.write_atomically(fs, path, json.dumps(summary, indent=2, ensure_ascii=False).encode())
+    log.info("summary written to %s", storage.unstrip(fs, path))
+
+
+def init_ray(cfg: JobCfg) -> None:
+    from ray.data import DataContext
+
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own progress lines; bars flood job logs
+    ctx.max_errored_blocks = 0         # per-sample errors are rows: a failed block is a bug, never skipped

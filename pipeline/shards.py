@@ -1,0 +1,69 @@
+"""List the input shards (path, glob or brace range) and find the ones already committed in the output."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from braceexpand import braceexpand
+
+from pipeline import storage
+from pipeline.config import JobCfg
+
+log = logging.getLogger(__name__)
+
+GLOB_CHARS = "*?["
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str   # full URL, as recorded in the `shard` column
+    name: str  # file name without .tar: the output file is embeddings/{name}.parquet
+
+
+def shard_name(url: str) -> str:
+    base = url.rstrip("/").rsplit("/", 1)[-1]
+    return base[: -len(".tar")] if base.endswith(".tar") else base
+
+
+def list_shards(cfg: JobCfg) -> list[Shard]:
+    """Every shard named by `cfg.input`, in order. Explicit names are kept even if missing (the reader
+    reports them as failed shards); a glob that matches nothing is an error."""
+    fs, _ = storage.filesystem(cfg.input, cfg.storage)
+    urls: list[str] = []
+    for pattern in braceexpand(cfg.input):
+        if any(c in pattern for c in GLOB_CHARS):
+            matches = sorted(fs.glob(storage.filesystem(pattern, cfg.storage)[1]))
+            if not matches:
+                raise ValueError(f"input: {pattern!r} matched no shards")
+            urls.extend(storage.unstrip(fs, m) for m in matches)
+        else:
+            path = storage.filesystem(pattern, cfg.storage)[1]
+            if fs.isdir(path):
+                found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar"))
+                if not found:
+                    raise ValueError(f"input: folder {pattern!r} holds no .tar shards")
+                urls.extend(storage.unstrip(fs, p) for p in found)
+            else:
+                urls.append(storage.unstrip(fs, path))
+    if not urls:
+        raise ValueError(f"input: {cfg.input!r} names no shards")
+    shards, seen = [], {}
+    for url in dict.fromkeys(urls):  # keep order, drop repeats of the same URL
+        shard = Shard(url=url, name=shard_name(url))
+        if shard.name in seen:
+            raise ValueError(f"input: shards {seen[shard.name]!r} and {url!r} would both write "
+                             f"embeddings/{shard.name}.parquet; shard file names must be unique")
+        seen[shard.name] = url
+        shards.append(shard)
+    return shards
+
+
+def committed_names(cfg: JobCfg) -> set[str]:
+    """Names of shards whose embedding file is already in `{output}/embeddings/`."""
+    fs, out = storage.filesystem(cfg.output, cfg.storage)
+    folder = storage.join(out, "embeddings")
+    if not fs.exists(folder):
+        return set()
+    return {p.rsplit("/", 1)[-1][: -len(".parquet")]
+            for p in fs.ls(folder, detail=False) if p.endswith(".parquet")}

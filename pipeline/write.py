@@ -1,0 +1,93 @@
+"""Write embedded rows as staged part files, and commit a shard's parts as one atomic Parquet file.
+
+Parts live under `{output}/_staging/{run_id}/{shard}/`; only the driver, which sees every part's write
+complete, decides that a shard is whole and asks for its commit. A part written by a task attempt that
+Ray later retried is never listed to the commit, and is deleted with the shard's staging folder.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import uuid
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.config import JobCfg
+from pipeline.schema import STATUS_OK, embedding_table_schema
+from pipeline.shards import shard_name
+
+PART_SCHEMA = pa.schema([
+    ("shard", pa.string()),
+    ("part", pa.string()),           # URL-less path of the part file; null for marker rows
+    ("rows", pa.int64()),            # samples in the part
+    ("shard_samples", pa.int64()),   # marker rows: samples in the shard; else -1
+    ("shard_error", pa.string()),
+])
+
+
+def staging_dir(cfg: JobCfg, run_id: str | None = None) -> str:
+    _, out = storage.filesystem(cfg.output, cfg.storage)
+    return storage.join(out, "_staging", *([run_id] if run_id else []))
+
+
+def embeddings_path(cfg: JobCfg, name: str) -> str:
+    _, out = storage.filesystem(cfg.output, cfg.storage)
+    return storage.join(out, "embeddings", f"{name}.parquet")
+
+
+def write_parts(batch: pa.Table, cfg: JobCfg, run_id: str) -> pa.Table:
+    """Ray Data stage: one part file per shard present in the batch; returns one row per part or marker."""
+    fs, _ = storage.filesystem(cfg.output, cfg.storage)
+    schema = embedding_table_schema(cfg.write.embedding_dtype)
+    out = []
+    positions = batch.column("position")
+    for url in pc.unique(batch.column("shard")).to_pylist():
+        of_shard = pc.equal(batch.column("shard"), url)
+        samples = batch.filter(pc.and_(of_shard, pc.greater_equal(positions, 0)))
+        if samples.num_rows:
+            lo, hi = pc.min_max(samples.column("position")).values()
+            # unique per attempt: a retried task never overwrites a part another attempt may still write
+            path = storage.join(staging_dir(cfg, run_id), shard_name(url),
+                                f"{lo.as_py():09d}-{hi.as_py():09d}-{uuid.uuid4().hex[:12]}.parquet")
+            fs.makedirs(fs._parent(path), exist_ok=True)
+            with fs.open(path, "wb") as f:
+                pq.write_table(samples.select(schema.names).cast(schema), f, compression=cfg.write.compression)
+            out.append({"shard": url, "part": path, "rows": samples.num_rows, "shard_samples": -1,
+                        "shard_error": None})
+        markers = batch.filter(pc.and_(of_shard, pc.less(positions, 0)))
+        for marker in markers.select(["shard_samples", "shard_error"]).to_pylist():
+            out.append({"shard": url, "part": None, "rows": 0, **marker})
+    return pa.Table.from_pylist(out, schema=PART_SCHEMA)
+
+
+def commit_shard(cfg: JobCfg, run_id: str, url: str, parts: list[str], expected: int, metadata: dict) -> dict:
+    """Merge a shard's parts into embeddings/{shard}.parquet in one atomic write; return its counts.
+
+    Raises if the parts do not hold exactly the positions 0..expected-1, once each: then nothing is committed.
+    """
+    fs, _ = storage.filesystem(cfg.output, cfg.storage)
+    schema = embedding_table_schema(cfg.write.embedding_dtype, metadata)
+    tables = []
+    for part in parts:
+        with fs.open(part, "rb") as f:
+            tables.append(pq.read_table(f))
+    table = (pa.concat_tables(tables).cast(schema) if tables else schema.empty_table())
+    table = table.sort_by("position")
+    positions = table.column("position").to_numpy()
+    if len(positions) != expected or (expected and (positions[0] != 0 or (positions[1:] - positions[:-1] != 1).any())):
+        raise RuntimeError(f"{url}: staged parts hold {len(positions)} rows for {expected} samples "
+                           f"(positions must be 0..{expected - 1} exactly once); not committed")
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression=cfg.write.compression)
+    storage.write_atomically(fs, embeddings_path(cfg, shard_name(url)), sink.getvalue())
+    staged = storage.join(staging_dir(cfg, run_id), shard_name(url))
+    if fs.exists(staged):
+        fs.rm(staged, recursive=True)
+    status = table.column("status").to_pylist()
+    reasons = collections.Counter(e.split(":", 1)[0] for e in table.column("error").to_pylist() if e)
+    return {"rows": table.num_rows, "ok": status.count(STATUS_OK), "error": table.num_rows - status.count(STATUS_OK),
+            "errors_by_reason": dict(reasons)}
