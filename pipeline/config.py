@@ -132,10 +132,18 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobCfg:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"--set {key}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(value) if value.strip() else None
+        node[leaf] = _parse_override(value)
     cfg = _build(JobCfg, raw, "")
     validate(cfg)
     return cfg
+
+
+def _parse_override(value: str):
+    """YAML scalars (true, 8, 0.5, null); anything else stays text, so a brace range is not read as a mapping."""
+    if not value.strip():
+        return None
+    parsed = yaml.safe_load(value)
+    return value if isinstance(parsed, (dict, list)) else parsed
 
 
 def _build(cls, raw: dict[str, Any], prefix: str):

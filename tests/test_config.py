@@ -1,0 +1,72 @@
+"""Config errors are clear ValueErrors naming the field, before Ray starts."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import dump, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = ["input=/data/{00000..00003}.tar", "output=/tmp/out"]
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("input: s3://b/wukong/{00000..00009}.tar\noutput: s3://b/emb/\nencoder:\n  actors: 8\n"
+                    "  num_gpus: 1\nmodel:\n  precision: bf16\n")
+    cfg = load_config(path, ["encoder.actors=2", "write.embedding_dtype=float32", "model.text_revision=abc123"])
+    assert cfg.encoder.actors == 2 and cfg.encoder.num_gpus == 1.0
+    assert cfg.model.precision == "bf16" and cfg.model.text_revision == "abc123"
+    assert cfg.write.embedding_dtype == "float32"
+    assert cfg.model.text == "IDEA-CCNL/Taiyi-CLIP-Roberta-102M-Chinese"  # defaults fill the rest
+    assert '"actors": 2' in dump(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("encoder.actorz=2", "unknown config key(s): encoder.actorz"),
+    ("colour=blue", "unknown config key(s): colour"),
+    ("model.precision=fp8", "model.precision: expected one of auto, fp32, fp16, bf16"),
+    ("write.embedding_dtype=bfloat16", "write.embedding_dtype"),
+    ("encoder.actors=0", "encoder.actors: must be > 0"),
+    ("encoder.actors=two", "encoder.actors: expected int, got 'two'"),
+    ("encoder.num_gpus=-1", "encoder.num_gpus: must be >= 0"),
+    ("overwrite=maybe", "overwrite: expected bool"),
+    ("model.precision=fp16", "fp16 needs a GPU"),
+    ("model=gpt", "model: expected a mapping"),
+    ("model={a: 1}", "model: expected a mapping"),
+    ("output=", "output: must not be null"),
+    ("input=''", "input: required"),
+])
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ValueError) as err:
+        load_config(None, [*BASE, override])
+    assert message in str(err.value)
+
+
+def test_an_actor_pool_that_takes_every_cpu_is_refused():
+    with pytest.raises(ValueError, match="reserves all 2 CPUs"):
+        load_config(None, [*BASE, "ray.num_cpus=2", "encoder.actors=2", "encoder.num_cpus=1"])
+
+
+def test_malformed_set_and_yaml(tmp_path):
+    with pytest.raises(ValueError, match="dotted.key=value"):
+        load_config(None, [*BASE, "encoder.actors"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="expected a mapping at the top level"):
+        load_config(bad)
+
+
+def test_cli_reports_config_errors_before_ray_starts():
+    result = subprocess.run([sys.executable, "jobs/embed_wukong.py", "--config", "configs/demo.yaml",
+                             "--set", "encoder.batch_sise=4"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "config error: unknown config key(s): encoder.batch_sise" in result.stderr
+    assert "Started a local Ray" not in result.stderr + result.stdout
+
+
+def test_shipped_configs_are_valid():
+    for path in (REPO / "configs").glob("*.yaml"):
+        load_config(path)

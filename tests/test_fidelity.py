@@ -1,0 +1,92 @@
+"""The pipeline's embeddings are Taiyi-CLIP's: they match the Hugging Face classes called directly."""
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CAPTIONS, job_config, rgb_image
+from pipeline.demo import encode_image, write_tar_shard
+from pipeline.encode import Encoder
+from pipeline.preprocess import preprocess, resolve_tokenizer
+from pipeline.read import read_shards
+
+
+def reference_embeddings(text_dir, image_dir, images: list[bytes], captions: list[str]):
+    """Fengshenbang's protocol (clip_test_flickr.py) and CLIPImageProcessor's PIL backend, no pipeline code."""
+    from transformers import BertForSequenceClassification, BertTokenizer, CLIPModel
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = BertTokenizer.from_pretrained(text_dir)
+    text_model = BertForSequenceClassification.from_pretrained(text_dir).eval()
+    clip = CLIPModel.from_pretrained(image_dir).eval()
+    processor = CLIPImageProcessorPil()
+    with torch.no_grad():
+        ids = tokenizer(captions, max_length=77, padding="max_length", truncation=True,
+                        return_tensors="pt")["input_ids"]
+        text = text_model(input_ids=ids).logits
+        pixels = processor(images=[Image.open(io.BytesIO(b)) for b in images], return_tensors="pt")["pixel_values"]
+        features = clip.get_image_features(pixel_values=pixels)
+        image = features if isinstance(features, torch.Tensor) else features.pooler_output
+    text = torch.nn.functional.normalize(text, dim=-1).numpy()
+    image = torch.nn.functional.normalize(image, dim=-1).numpy()
+    return image, text, (image * text).sum(-1)
+
+
+def fidelity_samples():
+    rgba = Image.new("RGBA", (260, 230), (10, 120, 200, 0))
+    rgba.paste((250, 30, 30, 255), (40, 40, 180, 160))
+    images = [
+        encode_image(rgb_image(640, 480, 1), "JPEG", quality=90),
+        encode_image(rgb_image(333, 1000, 2), "JPEG", quality=80),
+        encode_image(rgb_image(224, 224, 3), "PNG"),
+        encode_image(rgba, "PNG"),
+        encode_image(rgb_image(500, 300, 4).convert("L"), "PNG"),
+        encode_image(rgb_image(48, 32, 5), "WEBP"),
+    ]
+    captions = CAPTIONS[: len(images) - 1] + ["很长的描述" * 40]  # the last one is cut at 77 tokens
+    return images, captions
+
+
+def test_stages_match_reference_without_ray(tiny_models, tmp_path):
+    text_dir, image_dir = tiny_models
+    images, captions = fidelity_samples()
+    exts = ["jpg", "jpg", "png", "png", "png", "webp"]
+    members = []
+    for i, (image, caption, ext) in enumerate(zip(images, captions, exts)):
+        members += [(f"k{i}.{ext}", image), (f"k{i}.txt", caption.encode())]
+    write_tar_shard(tmp_path / "s.tar", members)
+    cfg = job_config(tiny_models, str(tmp_path / "s.tar"), str(tmp_path / "out"), "write.embedding_dtype=float32")
+
+    shard_block = pa.table({"shard": [str(tmp_path / "s.tar")]})
+    raw = pa.concat_tables(list(read_shards(shard_block, cfg)))
+    prepared = preprocess(raw, cfg, resolve_tokenizer(cfg, random_weights=False))
+    embedded = Encoder(cfg)(prepared).filter(pa.compute.greater_equal(prepared.column("position"), 0))
+
+    assert embedded.column("status").to_pylist() == ["ok"] * len(images)
+    ref_image, ref_text, ref_sim = reference_embeddings(text_dir, image_dir, images, captions)
+    ours_image = np.array(embedded.column("image_embedding").to_pylist(), np.float32)
+    ours_text = np.array(embedded.column("text_embedding").to_pylist(), np.float32)
+    assert np.abs(ours_image - ref_image).max() < 1e-3
+    assert np.abs(ours_text - ref_text).max() < 1e-3
+    assert np.abs(embedded.column("similarity").to_numpy() - ref_sim).max() < 1e-3
+    # the tiny towers are not degenerate: different inputs give clearly different embeddings
+    assert np.abs(ref_image[0] - ref_image[1]).max() > 1e-2 and np.abs(ref_text[0] - ref_text[1]).max() > 1e-2
+    assert "caption_truncated" in embedded.column("warning").to_pylist()[-1]
+
+
+def test_token_ids_are_the_reference_tokenizers(tiny_models, tmp_path):
+    from transformers import BertTokenizer
+
+    from pipeline.preprocess import load_tokenizer, tokenize
+
+    captions = ["一只猫", "Hello 世界 123!", "😀 表情", "a" * 300, "控制\x07字符"]
+    ours = tokenize(load_tokenizer(str(tiny_models[0]), None), captions)
+    ref = BertTokenizer.from_pretrained(tiny_models[0])(captions, max_length=77, padding="max_length",
+                                                        truncation=True)["input_ids"]
+    assert ours.shape == (5, 77)
+    assert ours.tolist() == ref
+    assert ours[0, :5].tolist() == [101, 671, 1372, 4344, 102]  # [CLS] 一 只 猫 [SEP] in the real vocab
