@@ -55,6 +55,8 @@ class EncoderCfg:
     actors: int = 1
     # GPUs reserved per actor; 0 runs the towers on CPU
     num_gpus: float = 0.0
+    # auto: CUDA when num_gpus > 0, else CPU; cpu with num_gpus > 0 only for scheduling tests on logical GPUs
+    device: str = "auto"
     # CPU cores reserved per actor; keep below the node's cores so read tasks are not starved
     num_cpus: float = 1.0
     # pairs per forward pass
@@ -215,6 +217,10 @@ def validate(cfg: JobCfg) -> None:
     for name, value in non_negative.items():
         if value < 0:
             raise ValueError(f"{name}: must be >= 0, got {value}")
+    if cfg.encoder.device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"encoder.device: expected auto, cuda or cpu, got {cfg.encoder.device!r}")
+    if cfg.encoder.device == "cuda" and cfg.encoder.num_gpus == 0:
+        raise ValueError("encoder.device: cuda needs encoder.num_gpus > 0 (Ray hides GPUs from actors without one)")
     if cfg.encoder.num_gpus == 0 and cfg.model.precision == "fp16":
         raise ValueError("model.precision: fp16 needs a GPU (encoder.num_gpus > 0); use fp32 or bf16 on CPU")
     if cfg.ray.num_cpus is not None and cfg.ray.num_cpus < 1:

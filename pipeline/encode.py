@@ -62,7 +62,9 @@ def load_towers(cfg: JobCfg, random_weights: bool):
     else:
         # safetensors are preferred when present; .bin files load with torch.load(weights_only=True)
         text = BertForSequenceClassification.from_pretrained(cfg.model.text, revision=cfg.model.text_revision)
-        image = CLIPVisionModelWithProjection.from_pretrained(cfg.model.image, revision=cfg.model.image_revision)
+        with quiet_transformers():  # skipping CLIP's text tower is intended, not worth a warning table
+            image = CLIPVisionModelWithProjection.from_pretrained(cfg.model.image,
+                                                                  revision=cfg.model.image_revision)
     if text.config.num_labels != EMBEDDING_DIM or image.config.projection_dim != EMBEDDING_DIM:
         raise ValueError(f"expected {EMBEDDING_DIM}-d towers, got text num_labels={text.config.num_labels}, "
                          f"image projection_dim={image.config.projection_dim}")
@@ -72,6 +74,18 @@ def load_towers(cfg: JobCfg, random_weights: bool):
     return text.eval(), image.eval()
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 class Encoder:
     """Ray Data actor: loads the towers once, then embeds batches of prepared rows."""
 
@@ -79,12 +93,10 @@ class Encoder:
         import torch
 
         torch.set_num_threads(cfg.encoder.torch_threads)
-        if cfg.encoder.num_gpus > 0:
-            if not torch.cuda.is_available():
-                raise RuntimeError("encoder.num_gpus > 0 but this actor sees no CUDA device")
-            self.device = torch.device("cuda")
-        else:
-            self.device = torch.device("cpu")
+        use_cuda = cfg.encoder.device == "cuda" or (cfg.encoder.device == "auto" and cfg.encoder.num_gpus > 0)
+        if use_cuda and not torch.cuda.is_available():
+            raise RuntimeError("encoder.num_gpus > 0 but this actor sees no CUDA device (encoder.device=auto)")
+        self.device = torch.device("cuda" if use_cuda else "cpu")
         precision = cfg.model.precision
         if precision == "auto":
             precision = "fp16" if self.device.type == "cuda" else "fp32"

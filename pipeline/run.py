@@ -48,28 +48,34 @@ def build_dataset(cfg: JobCfg, shards: list[Shard], run_id: str, random_weights:
     resources = ray_resources(cfg)
     # one shard per block, so shards are read in parallel and a failed read retries one shard
     ds = ray.data.from_items([{"shard": s.url} for s in shards], override_num_blocks=len(shards))
-    ds = ds.map_batches(read_shards, batch_format="pyarrow", batch_size=None, fn_kwargs={"cfg": cfg},
-                        **resources["read"])
-    ds = ds.map_batches(preprocess, batch_format="pyarrow", batch_size=None,
+    ds = ds.map_batches(read_and_preprocess, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"cfg": cfg, "tokenizer": tokenizer},
-                        **resources["read"])
+                        # a remote-args fn keeps Ray from fusing this CPU work into the encoder actors,
+                        # which it does whenever both ask for the same resources
+                        ray_remote_args_fn=lambda: resources["read"])
     ds = ds.map_batches(Encoder, batch_format="pyarrow",
                         fn_constructor_kwargs={"cfg": cfg, "random_weights": random_weights}, **resources["encode"])
     return ds.map_batches(write_parts, batch_format="pyarrow", batch_size=None,
                           fn_kwargs={"cfg": cfg, "run_id": run_id}, **resources["write"])
 
 
+def read_and_preprocess(batch, cfg: JobCfg, tokenizer: tuple[str, str | None]):
+    """The CPU stage: shard URLs in, decoded and tokenized sample blocks out."""
+    for raw in read_shards(batch, cfg):
+        yield preprocess(raw, cfg, tokenizer)
+
+
 @dataclass
 class ShardProgress:
     url: str
     parts: list[str] = field(default_factory=list)
-    rows: int = 0
+    positions: set[int] = field(default_factory=set)
     expected: int | None = None
     shard_error: str | None = None
 
     @property
     def complete(self) -> bool:
-        return self.expected is not None and self.rows >= self.expected
+        return self.expected is not None and len(self.positions) >= self.expected
 
 
 def decide_random_weights(cfg: JobCfg) -> bool:
@@ -99,12 +105,17 @@ def run_embed_job(cfg: JobCfg) -> dict:
     todo = [s for s in shards if s.name not in done_before]
     log.info("run %s: %d shards in input, %d already committed (skipped), %d to embed",
              run_id, len(shards), len(shards) - len(todo), len(todo))
-    fs, _ = storage.filesystem(cfg.output, cfg.storage)
+    fs, out = storage.filesystem(cfg.output, cfg.storage)
     stale = staging_dir(cfg)
     if fs.exists(stale):
         # parts left by a run that died before committing: never read, only removed
         log.warning("removing staged parts of an earlier, interrupted run under %s", stale)
         fs.rm(stale, recursive=True)
+    embeddings = storage.join(out, "embeddings")
+    if storage.is_local(fs) and fs.exists(embeddings):
+        for leftover in fs.glob(storage.join(embeddings, ".*.tmp")):
+            log.warning("removing %s, a commit interrupted before its rename", leftover)
+            fs.rm(leftover)
 
     random_weights = decide_random_weights(cfg) if todo else False
     tokenizer = resolve_tokenizer(cfg, random_weights)
@@ -135,9 +146,11 @@ def run_embed_job(cfg: JobCfg) -> dict:
             for row in batch.to_pylist():
                 shard = progress[row["shard"]]
                 if row["part"] is not None:
-                    shard.parts.append(row["part"])
-                    shard.rows += row["rows"]
-                    samples_seen += row["rows"]
+                    new = set(row["positions"]) - shard.positions
+                    if new:  # a part holding only samples already written (a retried task's copy) is not used
+                        shard.parts.append(row["part"])
+                        shard.positions |= new
+                        samples_seen += len(new)
                 else:
                     shard.expected, shard.shard_error = row["shard_samples"], row["shard_error"]
                 if shard.complete and shard.url not in commits and shard.url not in results:
@@ -159,7 +172,7 @@ def run_embed_job(cfg: JobCfg) -> dict:
         for shard in progress.values():
             if shard.url not in results and shard.url not in failed:
                 failed[shard.url] = (shard.shard_error or
-                                     f"incomplete: {shard.rows} of {shard.expected} samples written")
+                                     f"incomplete: {len(shard.positions)} of {shard.expected} samples written")
 
     summary = summarize(cfg, run_id, started, pipeline_started, shards, todo, results, failed, progress,
                         random_weights)

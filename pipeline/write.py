@@ -11,6 +11,7 @@ import collections
 import io
 import uuid
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -24,6 +25,7 @@ PART_SCHEMA = pa.schema([
     ("shard", pa.string()),
     ("part", pa.string()),           # URL-less path of the part file; null for marker rows
     ("rows", pa.int64()),            # samples in the part
+    ("positions", pa.list_(pa.int64())),  # their positions in the shard: the driver counts each once
     ("shard_samples", pa.int64()),   # marker rows: samples in the shard; else -1
     ("shard_error", pa.string()),
 ])
@@ -56,18 +58,20 @@ def write_parts(batch: pa.Table, cfg: JobCfg, run_id: str) -> pa.Table:
             fs.makedirs(fs._parent(path), exist_ok=True)
             with fs.open(path, "wb") as f:
                 pq.write_table(samples.select(schema.names).cast(schema), f, compression=cfg.write.compression)
-            out.append({"shard": url, "part": path, "rows": samples.num_rows, "shard_samples": -1,
+            out.append({"shard": url, "part": path, "rows": samples.num_rows,
+                        "positions": samples.column("position").to_pylist(), "shard_samples": -1,
                         "shard_error": None})
         markers = batch.filter(pc.and_(of_shard, pc.less(positions, 0)))
         for marker in markers.select(["shard_samples", "shard_error"]).to_pylist():
-            out.append({"shard": url, "part": None, "rows": 0, **marker})
+            out.append({"shard": url, "part": None, "rows": 0, "positions": [], **marker})
     return pa.Table.from_pylist(out, schema=PART_SCHEMA)
 
 
 def commit_shard(cfg: JobCfg, run_id: str, url: str, parts: list[str], expected: int, metadata: dict) -> dict:
     """Merge a shard's parts into embeddings/{shard}.parquet in one atomic write; return its counts.
 
-    Raises if the parts do not hold exactly the positions 0..expected-1, once each: then nothing is committed.
+    A sample re-embedded by a retried task may be in two parts; the first copy is kept. Raises if the parts
+    do not cover exactly the positions 0..expected-1: then nothing is committed.
     """
     fs, _ = storage.filesystem(cfg.output, cfg.storage)
     schema = embedding_table_schema(cfg.write.embedding_dtype, metadata)
@@ -78,6 +82,9 @@ def commit_shard(cfg: JobCfg, run_id: str, url: str, parts: list[str], expected:
     table = (pa.concat_tables(tables).cast(schema) if tables else schema.empty_table())
     table = table.sort_by("position")
     positions = table.column("position").to_numpy()
+    if len(positions) > 1 and (repeated := positions[1:] == positions[:-1]).any():
+        table = table.filter(pa.array(np.concatenate([[True], ~repeated])))
+        positions = table.column("position").to_numpy()
     if len(positions) != expected or (expected and (positions[0] != 0 or (positions[1:] - positions[:-1] != 1).any())):
         raise RuntimeError(f"{url}: staged parts hold {len(positions)} rows for {expected} samples "
                            f"(positions must be 0..{expected - 1} exactly once); not committed")
