@@ -1,0 +1,153 @@
+"""Nothing lost, nothing twice: the driver or an encoder actor killed mid-run, then a rerun."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import make_shards
+
+REPO = Path(__file__).resolve().parents[1]
+N_SHARDS, PER_SHARD = 8, 6
+ALL_KEYS = sorted(f"{s:05d}{i:04d}" for s in range(N_SHARDS) for i in range(PER_SHARD))
+
+
+@pytest.fixture(scope="module")
+def shard_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("crash-shards")
+    make_shards(folder, N_SHARDS, PER_SHARD)
+    return folder
+
+
+def write_config(tmp_path, tiny_models, shard_folder, out) -> Path:
+    text, image = tiny_models
+    config = {
+        "input": f"{shard_folder}/{{00000..{N_SHARDS - 1:05d}}}.tar", "output": str(out),
+        "model": {"text": str(text), "image": str(image)},
+        # small batches: many parts and commits, so the kills land mid-run
+        "read": {"batch_size": 2, "num_cpus": 0.5},
+        "encoder": {"actors": 1, "num_cpus": 0.5, "batch_size": 2, "torch_threads": 1},
+        "write": {"num_cpus": 0.25},
+        "ray": {"num_cpus": 2, "progress_interval_s": 1},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_job(config: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "jobs/embed_wukong.py", "--config", str(config)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_until(condition, job: subprocess.Popen, timeout=180.0, poll=0.02):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        if job.poll() is not None:
+            pytest.fail(f"job ended before the kill point:\n{job.stdout.read()[-3000:]}")
+        time.sleep(poll)
+    pytest.fail("kill point never reached")
+
+
+def staged_parts(out: Path) -> list[Path]:
+    return list((out / "_staging").glob("*/*/*.parquet"))
+
+
+def committed(out: Path) -> list[Path]:
+    folder = out / "embeddings"
+    return sorted(folder.glob("*.parquet")) if folder.exists() else []
+
+
+def kill_driver(job: subprocess.Popen) -> None:
+    job.send_signal(signal.SIGKILL)
+    job.wait(timeout=30)
+    time.sleep(2)  # Ray processes started by the driver share its fate; let them go
+
+
+def assert_committed_files_are_whole(out: Path) -> None:
+    for path in committed(out):
+        table = pq.read_table(path)
+        assert table.column("position").to_pylist() == list(range(PER_SHARD)), path
+    assert not list((out / "embeddings").glob("*.tmp")) if (out / "embeddings").exists() else True
+
+
+def rerun_and_check(config: Path, out: Path) -> str:
+    result = subprocess.run([sys.executable, "jobs/embed_wukong.py", "--config", str(config)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    keys = sorted(k for p in committed(out) for k in pq.read_table(p, columns=["key"]).column("key").to_pylist())
+    assert keys == ALL_KEYS  # every input key exactly once
+    assert not staged_parts(out)
+    assert [p for p in (out / "embeddings").iterdir() if not p.name.endswith(".parquet")] == []
+    return result.stdout + result.stderr
+
+
+def test_driver_killed_before_any_commit(tiny_models, shard_folder, tmp_path):
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_models, shard_folder, out)
+    job = start_job(config)
+    wait_until(lambda: staged_parts(out) and not committed(out), job)
+    kill_driver(job)
+    assert committed(out) == []
+    log = rerun_and_check(config, out)
+    assert "removing staged parts of an earlier, interrupted run" in log
+
+
+def test_driver_killed_between_commits(tiny_models, shard_folder, tmp_path):
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_models, shard_folder, out)
+    job = start_job(config)
+    wait_until(lambda: 0 < len(committed(out)) < N_SHARDS, job)
+    kill_driver(job)
+    done_before = {p.name: p.stat().st_mtime_ns for p in committed(out)}
+    assert 0 < len(done_before) < N_SHARDS
+    assert_committed_files_are_whole(out)
+    log = rerun_and_check(config, out)
+    # the rerun kept the committed shards as they were and did only the rest
+    assert {p.name: p.stat().st_mtime_ns for p in committed(out) if p.name in done_before} == done_before
+    assert f'"shards_skipped_already_committed": {len(done_before)}' in log
+
+
+def test_driver_killed_during_a_commit_write(tiny_models, shard_folder, tmp_path):
+    """A commit killed mid-write leaves at most a hidden temp file beside the committed ones (local disk)
+    or nothing (object stores publish a PUT whole). Readers globbing *.parquet never see it; the rerun
+    removes it and commits the shard."""
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_models, shard_folder, out)
+    job = start_job(config)
+    wait_until(lambda: len(committed(out)) >= 2, job)
+    kill_driver(job)
+    partial = out / "embeddings" / ".00007.parquet.tmp"
+    partial.write_bytes(committed(out)[0].read_bytes()[:500])  # what the killed commit had written so far
+    (out / "embeddings" / "00007.parquet").unlink(missing_ok=True)
+    rerun_and_check(config, out)
+    assert not partial.exists()
+
+
+def encoder_actor_pids() -> list[int]:
+    found = subprocess.run(["pgrep", "-f", r"MapWorker\(MapBatches\(Encoder\)\)"], capture_output=True, text=True)
+    return [int(p) for p in found.stdout.split()]
+
+
+def test_encoder_actor_killed_mid_run(tiny_models, shard_folder, tmp_path):
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_models, shard_folder, out)
+    job = start_job(config)
+    wait_until(lambda: staged_parts(out) and len(committed(out)) < N_SHARDS // 2 and encoder_actor_pids(), job)
+    (victim,) = encoder_actor_pids()
+    os.kill(victim, signal.SIGKILL)
+    output, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, output[-3000:]
+    assert f"Worker PID: {victim}" in output  # Ray saw the actor die, restarted it and retried its batches
+    keys = sorted(k for p in committed(out) for k in pq.read_table(p, columns=["key"]).column("key").to_pylist())
+    assert keys == ALL_KEYS
+    assert '"shards_committed": 8' in output
