@@ -1,0 +1,75 @@
+"""Multi-node behaviour on a simulated Ray cluster: a CPU-less head and two 1-GPU (logical) workers."""
+
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import job_config, make_shards
+from pipeline.run import run_embed_job
+
+N_SHARDS, PER_SHARD = 8, 6
+ALL_KEYS = sorted(f"{s:05d}{i:04d}" for s in range(N_SHARDS) for i in range(PER_SHARD))
+
+
+@pytest.fixture
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.data import DataContext
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    DataContext.get_current().enable_progress_bars = False
+    yield cluster, workers
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def gpu_config(tiny_models, shard_folder, out, *overrides):
+    # logical GPUs: the actors reserve one each, and run the towers on CPU
+    return job_config(tiny_models, f"{shard_folder}/{{00000..{N_SHARDS - 1:05d}}}.tar", str(out),
+                      "encoder.actors=2", "encoder.num_gpus=1", "encoder.device=cpu", "encoder.num_cpus=0.5",
+                      *overrides)
+
+
+def output_keys(out):
+    return sorted(k for p in (out / "embeddings").glob("*.parquet")
+                  for k in pq.read_table(p, columns=["key"]).column("key").to_pylist())
+
+
+def test_encoder_actors_spread_one_per_gpu_across_nodes(cluster, tiny_models, tmp_path):
+    from ray.util.state import list_actors
+
+    _, workers = cluster
+    make_shards(tmp_path / "shards", N_SHARDS, PER_SHARD)
+    out = tmp_path / "out"
+    summary = run_embed_job(gpu_config(tiny_models, tmp_path / "shards", out))
+    assert summary["shards_committed"] == N_SHARDS and summary["samples"] == len(ALL_KEYS)
+    assert output_keys(out) == ALL_KEYS  # every sample written once
+    actors = [a for a in list_actors(detail=True) if "Encoder" in a.class_name]
+    assert len(actors) == 2
+    assert sorted(a.node_id for a in actors) == sorted(w.node_id for w in workers)  # one on each GPU node
+
+
+def test_job_completes_when_a_worker_node_is_lost(cluster, tiny_models, tmp_path):
+    ray_cluster, workers = cluster
+    make_shards(tmp_path / "shards", N_SHARDS, PER_SHARD)
+    out = tmp_path / "out"
+    cfg = gpu_config(tiny_models, tmp_path / "shards", out, "read.batch_size=2", "encoder.batch_size=2")
+    result = {}
+    job = threading.Thread(target=lambda: result.update(run_embed_job(cfg)))
+    job.start()
+    deadline = time.time() + 120
+    while not list((out / "_staging").glob("*/*/*.parquet")) and time.time() < deadline:
+        time.sleep(0.02)
+    assert len(list((out / "embeddings").glob("*.parquet"))) < N_SHARDS if (out / "embeddings").exists() else True
+    ray_cluster.remove_node(workers[1])  # the node, its actor, its tasks and its objects are gone
+    ray_cluster.add_node(num_cpus=2, num_gpus=1)  # the autoscaler's replacement
+    job.join(timeout=300)
+    assert not job.is_alive()
+    assert result["shards_committed"] == N_SHARDS and result["shards_failed"] == 0
+    assert output_keys(out) == ALL_KEYS  # every key exactly once
