@@ -31,11 +31,16 @@ def main(argv=None) -> int:
 
     from pipeline.demo import make_demo_shards
     from pipeline.run import init_ray, run_embed_job
+    from pipeline.storage import StorageError
 
     if cfg.make_demo_shards:
         make_demo_shards(cfg)
     init_ray(cfg)
-    summary = run_embed_job(cfg)
+    try:
+        summary = run_embed_job(cfg)
+    except StorageError as exc:
+        print(f"storage error: {exc}", file=sys.stderr)
+        return 2
     report = {k: summary[k] for k in ("run_id", "shards_in_input", "shards_skipped_already_committed",
                                       "shards_committed", "shards_failed", "samples", "ok", "error",
                                       "errors_by_reason", "pairs_per_s", "wall_s", "random_weights")}

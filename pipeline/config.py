@@ -83,6 +83,8 @@ class StorageCfg:
     region: str | None = None
     # unsigned requests (public buckets); credentials always come from the AWS env/profile chain
     anonymous: bool = False
+    # attempts per S3 request on throttling (SlowDown/503) and dropped connections, with backoff
+    max_attempts: int = 10
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,7 @@ def validate(cfg: JobCfg) -> None:
         "read.batch_size": cfg.read.batch_size, "read.attempts": cfg.read.attempts,
         "read.max_image_pixels": cfg.read.max_image_pixels, "read.image_size": cfg.read.image_size,
         "encoder.actors": cfg.encoder.actors, "encoder.batch_size": cfg.encoder.batch_size,
-        "encoder.torch_threads": cfg.encoder.torch_threads, "ray.progress_interval_s": cfg.ray.progress_interval_s,
+        "encoder.torch_threads": cfg.encoder.torch_threads, "storage.max_attempts": cfg.storage.max_attempts, "ray.progress_interval_s": cfg.ray.progress_interval_s,
     }
     for name, value in positive.items():
         if value <= 0:

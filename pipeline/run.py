@@ -101,6 +101,7 @@ def run_embed_job(cfg: JobCfg) -> dict:
     started = time.time()
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     shards = list_shards(cfg)
+    storage.check_writable(cfg.output, cfg.storage)
     done_before = set() if cfg.overwrite else committed_names(cfg)
     todo = [s for s in shards if s.name not in done_before]
     log.info("run %s: %d shards in input, %d already committed (skipped), %d to embed",

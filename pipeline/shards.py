@@ -27,25 +27,27 @@ def shard_name(url: str) -> str:
 
 
 def list_shards(cfg: JobCfg) -> list[Shard]:
-    """Every shard named by `cfg.input`, in order. Explicit names are kept even if missing (the reader
-    reports them as failed shards); a glob that matches nothing is an error."""
+    """Every shard named by `cfg.input`, in order: `.tar` names (kept even if missing: the reader reports
+    them as failed shards), globs (one that matches nothing is an error) and folders of `.tar` files."""
     fs, _ = storage.filesystem(cfg.input, cfg.storage)
+    first = next(iter(braceexpand(cfg.input)))
+    fixed = first[: min([first.index(c) for c in GLOB_CHARS if c in first] or [len(first)])]
+    storage.check_readable(storage.parent(fixed), cfg.storage)  # no such bucket / access denied: fail now
     urls: list[str] = []
     for pattern in braceexpand(cfg.input):
+        path = fs._strip_protocol(pattern)
         if any(c in pattern for c in GLOB_CHARS):
-            matches = sorted(fs.glob(storage.filesystem(pattern, cfg.storage)[1]))
+            matches = sorted(fs.glob(path))
             if not matches:
                 raise ValueError(f"input: {pattern!r} matched no shards")
             urls.extend(storage.unstrip(fs, m) for m in matches)
+        elif pattern.endswith(".tar"):
+            urls.append(storage.unstrip(fs, path))  # not checked here: the reader reports a missing shard
         else:
-            path = storage.filesystem(pattern, cfg.storage)[1]
-            if fs.isdir(path):
-                found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar"))
-                if not found:
-                    raise ValueError(f"input: folder {pattern!r} holds no .tar shards")
-                urls.extend(storage.unstrip(fs, p) for p in found)
-            else:
-                urls.append(storage.unstrip(fs, path))
+            found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar")) if fs.isdir(path) else []
+            if not found:
+                raise ValueError(f"input: {pattern!r} is neither a .tar shard nor a folder holding some")
+            urls.extend(storage.unstrip(fs, p) for p in found)
     if not urls:
         raise ValueError(f"input: {cfg.input!r} names no shards")
     shards, seen = [], {}

@@ -15,12 +15,48 @@ def filesystem(url: str, storage: StorageCfg) -> tuple[fsspec.AbstractFileSystem
     options = {}
     if protocol in ("s3", "s3a"):
         options["anon"] = storage.anonymous
+        # SlowDown / 503 / dropped connections: botocore retries with exponential backoff and jitter
+        options["config_kwargs"] = {"retries": {"max_attempts": storage.max_attempts, "mode": "standard"}}
         if storage.endpoint_url:
             options["endpoint_url"] = storage.endpoint_url
         if storage.region:
             options["client_kwargs"] = {"region_name": storage.region}
     fs, path = fsspec.core.url_to_fs(url, **options)
+    fs.invalidate_cache()  # fsspec reuses instances: a listing cached by an earlier run would be stale
     return fs, path
+
+
+class StorageError(RuntimeError):
+    """A persistent storage failure (no such bucket, access denied) found before any work starts."""
+
+
+def check_readable(url: str, storage: StorageCfg) -> None:
+    fs, path = filesystem(url, storage)
+    try:
+        fs.ls(path, detail=False)
+    except FileNotFoundError:
+        raise StorageError(f"input: {url} does not exist (no such bucket or folder)") from None
+    except PermissionError as exc:
+        raise StorageError(f"input: access denied listing {url}: {exc}") from None
+    except OSError as exc:
+        raise StorageError(f"input: cannot list {url}: {type(exc).__name__}: {exc}") from None
+
+
+def check_writable(url: str, storage: StorageCfg) -> None:
+    """Write and delete a marker, so a wrong bucket or missing permission fails now, not after hours."""
+    fs, path = filesystem(url, storage)
+    probe = join(path, "_runs", ".write-check")
+    try:
+        if is_local(fs):
+            fs.makedirs(fs._parent(probe), exist_ok=True)
+        fs.pipe_file(probe, b"ok")
+        fs.rm(probe)
+    except FileNotFoundError:
+        raise StorageError(f"output: {url} cannot be written (no such bucket?)") from None
+    except PermissionError as exc:
+        raise StorageError(f"output: access denied writing {url}: {exc}") from None
+    except OSError as exc:
+        raise StorageError(f"output: cannot write {url}: {type(exc).__name__}: {exc}") from None
 
 
 def join(base: str, *parts: str) -> str:
@@ -34,6 +70,10 @@ def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
+
+
+def parent(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[0]
 
 
 def write_atomically(fs: fsspec.AbstractFileSystem, path: str, payload: bytes) -> None:
