@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_rayjob_manifest_runs_the_embed_job_with_a_valid_config():
-    manifest = yaml.safe_load((REPO / "deploy" / "rayjob.yaml").read_text())
+    manifest = yaml.safe_load((REPO / "configs" / "k8s" / "rayjob.yaml").read_text())
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
     words = manifest["spec"]["entrypoint"].split()
     assert words[:2] == ["python", "jobs/embed_wukong.py"]
