@@ -31,6 +31,8 @@ class ModelCfg:
     precision: str = "auto"
     # demo only: if the weights cannot be fetched, use random weights of the same architecture (loudly)
     random_init_fallback: bool = False
+    # benchmark only: random weights of the real architectures, without trying to fetch (labelled in output)
+    random_weights: bool = False
 
 
 @dataclass(frozen=True)

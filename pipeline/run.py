@@ -80,6 +80,9 @@ class ShardProgress:
 
 def decide_random_weights(cfg: JobCfg) -> bool:
     """Production configs never fall back; the demo does, loudly, when the weights cannot be fetched."""
+    if cfg.model.random_weights:
+        log.warning("model.random_weights=true: RANDOM weights of the real architectures (benchmark only)")
+        return True
     missing = [name for name, rev in ((cfg.model.text, cfg.model.text_revision),
                                       (cfg.model.image, cfg.model.image_revision))
                if not weights_reachable(name, rev)]
@@ -127,6 +130,7 @@ def run_embed_job(cfg: JobCfg) -> dict:
     failed: dict[str, str] = {}
     commit_task = ray.remote(num_cpus=cfg.write.num_cpus, max_retries=3)(commit_shard)
     pipeline_started, samples_seen, last_report = time.time(), 0, time.time()
+    first_output, last_output = None, None  # (time, samples in the first batch), time: the steady-state window
 
     def collect(block: bool) -> None:
         pending = list(commits.values())
@@ -144,6 +148,10 @@ def run_embed_job(cfg: JobCfg) -> dict:
     if todo:
         ds = build_dataset(cfg, todo, run_id, random_weights, tokenizer)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            now = time.time()
+            if first_output is None:
+                first_output = (now, sum(len(p) for p in batch.column("positions").to_pylist()))
+            last_output = now
             for row in batch.to_pylist():
                 shard = progress[row["shard"]]
                 if row["part"] is not None:
@@ -177,6 +185,10 @@ def run_embed_job(cfg: JobCfg) -> dict:
 
     summary = summarize(cfg, run_id, started, pipeline_started, shards, todo, results, failed, progress,
                         random_weights)
+    if first_output is not None and last_output > first_output[0]:
+        # after the first output (actors started, weights loaded) until the last: the pipeline's own rate
+        summary["startup_s"] = round(first_output[0] - started, 3)
+        summary["steady_pairs_per_s"] = round((samples_seen - first_output[1]) / (last_output - first_output[0]), 3)
     write_summary(cfg, summary)
     return summary
 

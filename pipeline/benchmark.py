@@ -1,0 +1,277 @@
+"""Benchmark: the encoders' ceiling against the whole embed job, same machine, weights, precision and data."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import ray
+from PIL import Image, ImageDraw, ImageFilter
+
+from pipeline.config import JobCfg
+from pipeline.demo import real_photographs, write_tar_shard
+from pipeline.preprocess import MAX_TEXT_TOKENS, decode_caption, decode_image, load_tokenizer, resolve_tokenizer, tokenize
+from pipeline.read import RawSample, read_shard
+
+log = logging.getLogger(__name__)
+
+SUBJECTS = ["一只橘猫", "两个孩子", "一位老人", "一辆红色的汽车", "一碗牛肉面", "一座古老的寺庙", "一片金黄的麦田",
+            "城市的天际线", "一只白色的小狗", "穿着汉服的女孩", "一杯咖啡", "雪山下的湖泊", "一艘渔船", "樱花树"]
+SCENES = ["在阳光下", "在雨中的街道上", "在夜晚的灯光里", "在海边", "在公园的草地上", "在厨房的桌子上",
+          "在山顶", "在古镇的小巷里", "在冬天的雪地里", "在热闹的市场里"]
+DETAILS = ["高清摄影", "背景虚化", "色彩鲜艳", "黑白照片", "航拍视角", "特写镜头", "复古风格", "壁纸", "免费素材",
+           "旅游攻略", "美食推荐", "家居装饰", "设计灵感"]
+
+
+def caption(rng: np.random.Generator) -> str:
+    """Wukong-like Chinese captions: a subject and scene, often with the tags web alt-texts carry (8-60 chars)."""
+    text = rng.choice(SUBJECTS) + rng.choice(SCENES)
+    for _ in range(rng.integers(0, 5)):
+        text += "，" + rng.choice(DETAILS)
+    return text
+
+
+def photo_like(rng: np.random.Generator, photos: list[Image.Image]) -> Image.Image:
+    """200-1000 px per side: random crops of real photographs, or generated scenes with texture and edges."""
+    width, height = (int(v) for v in rng.integers(200, 1001, 2))
+    if rng.random() < 0.5:
+        photo = photos[rng.integers(len(photos))]
+        w, h = photo.size
+        cw, ch = int(w * rng.uniform(0.4, 1.0)), int(h * rng.uniform(0.4, 1.0))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        image = photo.crop((x, y, x + cw, y + ch)).resize((width, height), Image.Resampling.BICUBIC)
+        return Image.fromarray(np.clip(np.asarray(image) * rng.uniform(0.7, 1.3, 3), 0, 255).astype(np.uint8))
+    yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
+    base = np.stack([rng.uniform(40, 220) + rng.uniform(-80, 80) * np.sin(xx * rng.uniform(1, 8) + c)
+                     * np.cos(yy * rng.uniform(1, 8)) for c in range(3)], -1)
+    base += rng.normal(0, rng.uniform(4, 20), base.shape)
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.integers(3, 12)):
+        box = sorted(rng.integers(0, width, 2)) + sorted(rng.integers(0, height, 2))
+        draw.ellipse((box[0], box[2], box[1], box[3]), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    return image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.5)))
+
+
+def make_benchmark_shards(folder: Path, n_shards: int, per_shard: int, seed: int = 0) -> list[Path]:
+    """Shards of JPEGs (quality 75-95) and captions, written once and reused (cached) across runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = [p for p, _ in real_photographs()]
+    paths = []
+    for s in range(n_shards):
+        path = folder / f"{s:05d}.tar"
+        if not path.exists():
+            rng = np.random.default_rng(seed * 100_003 + s)
+            members = []
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                buf = io.BytesIO()
+                photo_like(rng, photos).save(buf, "JPEG", quality=int(rng.integers(75, 96)))
+                members += [(f"{key}.jpg", buf.getvalue()), (f"{key}.txt", caption(rng).encode()),
+                            (f"{key}.json", json.dumps({"url": f"https://example.com/{key}.jpg"}).encode())]
+            write_tar_shard(path, members)
+        paths.append(path)
+    return paths
+
+
+def decode_rate_per_core(cfg: JobCfg, shard: Path, tokenizer: tuple[str, str | None]) -> dict:
+    """Decode + resize + tokenize, one process, one thread: samples per second per core."""
+    samples = [s for s in read_shard(str(shard), cfg) if isinstance(s, RawSample)]
+    tok = load_tokenizer(*tokenizer)
+    started = time.perf_counter()
+    for sample in samples:
+        decode_image(sample.members["jpg"], cfg.read.image_size, cfg.read.max_image_pixels)
+    decoded = time.perf_counter()
+    tokenize(tok, [decode_caption(s.members["txt"]) for s in samples])
+    finished = time.perf_counter()
+    return {"decode_images_per_s_per_core": round(len(samples) / (decoded - started), 1),
+            "tokenize_captions_per_s_per_core": round(len(samples) / (finished - decoded), 1),
+            "mean_jpeg_kb": round(float(np.mean([len(s.members["jpg"]) for s in samples])) / 1024, 1)}
+
+
+class CeilingProbe:
+    """A Ray actor with the encoder actors' resources: the two towers on ready tensors, nothing else."""
+
+    def __init__(self, cfg: JobCfg, random_weights: bool):
+        from pipeline.encode import Encoder
+
+        started = time.perf_counter()
+        self.encoder = Encoder(cfg, random_weights)
+        self.load_s = time.perf_counter() - started
+        self.batch_size = cfg.encoder.batch_size
+        self.size = cfg.read.image_size
+
+    def measure(self, input_ids: np.ndarray, min_seconds: float, min_batches: int) -> dict:
+        rng = np.random.default_rng(0)
+        pixels = rng.integers(0, 256, (self.batch_size, self.size, self.size, 3), dtype=np.uint8)
+        ids = input_ids[: self.batch_size]
+        self.encoder.embed(pixels, ids)  # warm-up: allocator, kernels, caches
+        batches, started = 0, time.perf_counter()
+        while batches < min_batches or time.perf_counter() - started < min_seconds:
+            self.encoder.embed(pixels, ids)
+            batches += 1
+        elapsed = time.perf_counter() - started
+        return {"pairs_per_s": round(batches * self.batch_size / elapsed, 3), "batches": batches,
+                "model_load_s": round(self.load_s, 3), "device": str(self.encoder.device)}
+
+
+class MemorySampler:
+    """Peak total PSS (shared pages counted once) of this process and all its descendants: the driver,
+    Ray's GCS, raylet, object store and every worker of the local Ray started here."""
+
+    def __init__(self, interval_s: float = 0.25):
+        self.interval_s, self.peak_bytes, self._stop = interval_s, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _total(self) -> int:
+        total = 0
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                total += proc.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return total
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self._total())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def end_to_end(cfg: JobCfg, shards: list[Path], out: Path) -> dict:
+    from pipeline.run import run_embed_job
+
+    input_url = "{" + ",".join(str(p) for p in shards) + "}" if len(shards) > 1 else str(shards[0])
+    job = dataclasses.replace(cfg, input=input_url, output=str(out), overwrite=True)
+    with MemorySampler() as memory:
+        summary = run_embed_job(job)
+    parquet_bytes = sum(p.stat().st_size for p in (out / "embeddings").glob("*.parquet"))
+    return {"pairs": summary["samples"], "ok": summary["ok"], "wall_s": summary["wall_s"],
+            "startup_s": summary.get("startup_s"), "steady_pairs_per_s": summary.get("steady_pairs_per_s"),
+            "whole_run_pairs_per_s": summary["pairs_per_s"], "peak_memory_mib": round(memory.peak_bytes / 2**20, 1),
+            "parquet_bytes_per_pair": round(parquet_bytes / max(summary["samples"], 1), 1)}
+
+
+def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str], cache: Path,
+                  memory_check: bool, ceiling_seconds: float) -> dict:
+    from pipeline.run import decide_random_weights
+
+    n_shards = max(1, pairs // per_shard)
+    shards = make_benchmark_shards(cache / f"shards-{per_shard}", n_shards, per_shard)
+    random_weights = decide_random_weights(cfg)
+    tokenizer = resolve_tokenizer(cfg, random_weights)
+    report = {"machine": machine(), "pairs": n_shards * per_shard, "shards": n_shards,
+              "encoder_batch_size": cfg.encoder.batch_size, "torch_threads": cfg.encoder.torch_threads,
+              "models": {"text": cfg.model.text, "image": cfg.model.image, "random_weights": random_weights},
+              "cpu": decode_rate_per_core(cfg, shards[0], tokenizer), "runs": {}}
+    texts = [caption(np.random.default_rng(i)) for i in range(cfg.encoder.batch_size)]
+    input_ids = tokenize(load_tokenizer(*tokenizer), texts)
+    assert input_ids.shape[1] == MAX_TEXT_TOKENS
+
+    started = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+    report["ray_start_s"] = round(time.perf_counter() - started, 3)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    for precision in precisions:
+        run_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, precision=precision))
+        probe = ray.remote(num_cpus=cfg.encoder.num_cpus, num_gpus=cfg.encoder.num_gpus)(CeilingProbe).remote(
+            run_cfg, random_weights)
+        ceiling = ray.get(probe.measure.remote(input_ids, ceiling_seconds, 3))
+        ray.kill(probe)
+        with tempfile.TemporaryDirectory() as tmp:
+            e2e = end_to_end(run_cfg, shards, Path(tmp) / "out")
+        run = {"encoder_ceiling": ceiling, "end_to_end": e2e}
+        if e2e["steady_pairs_per_s"]:
+            run["steady_ratio"] = round(e2e["steady_pairs_per_s"] / ceiling["pairs_per_s"], 3)
+        run["whole_run_ratio"] = round(e2e["pairs"] / e2e["wall_s"] / ceiling["pairs_per_s"], 3)
+        if memory_check and n_shards >= 8:
+            with tempfile.TemporaryDirectory() as tmp:
+                small = end_to_end(run_cfg, shards[: n_shards // 8], Path(tmp) / "out")
+            run["memory_scaling"] = {"pairs_small": small["pairs"], "peak_mib_small": small["peak_memory_mib"],
+                                     "pairs_large": e2e["pairs"], "peak_mib_large": e2e["peak_memory_mib"],
+                                     "growth": round(e2e["peak_memory_mib"] / small["peak_memory_mib"] - 1, 3)}
+            memory_check = False  # once is enough: memory does not depend on precision
+        report["runs"][precision] = run
+    return report
+
+
+def machine() -> dict:
+    import platform
+
+    import torch
+
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "torch": torch.__version__,
+            "ray": ray.__version__}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'precision':<10}{'ceiling/s':>11}{'steady/s':>10}{'ratio':>7}{'whole/s':>9}{'whole ratio':>12}"
+             f"{'startup s':>11}{'load s':>8}{'peak MiB':>10}{'B/pair':>8}"]
+    for precision, run in report["runs"].items():
+        c, e = run["encoder_ceiling"], run["end_to_end"]
+        lines.append(f"{precision:<10}{c['pairs_per_s']:>11.2f}{e['steady_pairs_per_s'] or 0:>10.2f}"
+                     f"{run.get('steady_ratio', 0):>7.3f}{e['whole_run_pairs_per_s']:>9.2f}{run['whole_run_ratio']:>12.3f}"
+                     f"{e['startup_s'] or 0:>11.1f}{c['model_load_s']:>8.1f}{e['peak_memory_mib']:>10.0f}"
+                     f"{e['parquet_bytes_per_pair']:>8.0f}")
+    cpu = report["cpu"]
+    lines.append(f"CPU per core: {cpu['decode_images_per_s_per_core']} images/s decoded "
+                 f"(mean JPEG {cpu['mean_jpeg_kb']} KiB), {cpu['tokenize_captions_per_s_per_core']} captions/s "
+                 f"tokenized; Ray start {report['ray_start_s']} s")
+    for precision, run in report["runs"].items():
+        if "memory_scaling" in run:
+            m = run["memory_scaling"]
+            lines.append(f"memory: {m['pairs_small']} pairs peak {m['peak_mib_small']} MiB, {m['pairs_large']} pairs "
+                         f"peak {m['peak_mib_large']} MiB ({m['growth']:+.1%})")
+    return "\n".join(lines)
+
+
+def tiny_checkpoints(folder: Path) -> tuple[Path, Path]:
+    """Tiny random towers of the real layouts, for the CI smoke run only (never for reported figures)."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer, CLIPConfig, CLIPModel
+
+    from pipeline.preprocess import BUNDLED_VOCAB_DIR
+
+    text, image = folder / "tiny-text", folder / "tiny-image"
+    if not (text / "config.json").exists():
+        BertForSequenceClassification(BertConfig(vocab_size=21128, hidden_size=32, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=64,
+                                                 num_labels=512)).save_pretrained(text)
+        BertTokenizer.from_pretrained(str(BUNDLED_VOCAB_DIR)).save_pretrained(text)
+    if not (image / "config.json").exists():
+        CLIPModel(CLIPConfig(text_config=dict(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                              num_attention_heads=2, intermediate_size=64),
+                             vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                intermediate_size=64, image_size=224, patch_size=32),
+                             projection_dim=512)).save_pretrained(image)
+    return text, image
+
