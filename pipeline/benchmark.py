@@ -114,7 +114,8 @@ class CeilingProbe:
         rng = np.random.default_rng(0)
         pixels = rng.integers(0, 256, (self.batch_size, self.size, self.size, 3), dtype=np.uint8)
         ids = input_ids[: self.batch_size]
-        self.encoder.embed(pixels, ids)  # warm-up: allocator, kernels, caches
+        for _ in range(2):  # warm-up: allocator, kernel selection (bf16 oneDNN primitives), caches
+            self.encoder.embed(pixels, ids)
         batches, started = 0, time.perf_counter()
         while batches < min_batches or time.perf_counter() - started < min_seconds:
             self.encoder.embed(pixels, ids)
@@ -128,7 +129,7 @@ class MemorySampler:
     """Peak total PSS (shared pages counted once) of this process and all its descendants: the driver,
     Ray's GCS, raylet, object store and every worker of the local Ray started here."""
 
-    def __init__(self, interval_s: float = 0.25):
+    def __init__(self, interval_s: float = 1.0):
         self.interval_s, self.peak_bytes, self._stop = interval_s, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 

@@ -122,6 +122,13 @@ class JobCfg:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobCfg:
     """Read a YAML file, apply `dotted.key=value` overrides, build and validate the config."""
+    cfg = _build(JobCfg, read_raw(path, overrides), "")
+    validate(cfg)
+    return cfg
+
+
+def read_raw(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """The YAML mapping with `dotted.key=value` overrides applied (not yet typed or validated)."""
     raw: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text(encoding="utf-8")
@@ -139,9 +146,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobCfg:
             if not isinstance(node, dict):
                 raise ValueError(f"--set {key}: {part!r} is not a section")
         node[leaf] = _parse_override(value)
-    cfg = _build(JobCfg, raw, "")
-    validate(cfg)
-    return cfg
+    return raw
 
 
 def _parse_override(value: str):
@@ -210,9 +215,7 @@ def validate(cfg: JobCfg) -> None:
         "encoder.actors": cfg.encoder.actors, "encoder.batch_size": cfg.encoder.batch_size,
         "encoder.torch_threads": cfg.encoder.torch_threads, "storage.max_attempts": cfg.storage.max_attempts, "ray.progress_interval_s": cfg.ray.progress_interval_s,
     }
-    for name, value in positive.items():
-        if value <= 0:
-            raise ValueError(f"{name}: must be > 0, got {value}")
+    validate_positive(positive)
     non_negative = {
         "read.num_cpus": cfg.read.num_cpus, "read.retry_backoff_s": cfg.read.retry_backoff_s,
         "encoder.num_gpus": cfg.encoder.num_gpus, "encoder.num_cpus": cfg.encoder.num_cpus,
@@ -235,6 +238,12 @@ def validate(cfg: JobCfg) -> None:
         if needed >= cfg.ray.num_cpus:
             raise ValueError(f"encoder.actors x encoder.num_cpus = {needed:g} reserves all {cfg.ray.num_cpus} CPUs "
                              "of the local Ray (ray.num_cpus); leave room for the read tasks")
+
+
+def validate_positive(values: dict[str, float]) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise ValueError(f"{name}: must be > 0, got {value}")
 
 
 def dump(cfg: JobCfg) -> str:

@@ -55,7 +55,7 @@ def load_towers(cfg: JobCfg, random_weights: bool):
                               CLIPVisionModelWithProjection)
 
     if random_weights:
-        log.warning("RANDOM WEIGHTS: %s / %s could not be fetched; embeddings are meaningless (demo only)",
+        log.warning("RANDOM WEIGHTS of the architectures of %s / %s: embeddings are meaningless",
                     cfg.model.text, cfg.model.image)
         text = BertForSequenceClassification(BertConfig(**TEXT_ARCH))
         image = CLIPVisionModelWithProjection(CLIPVisionConfig(**IMAGE_ARCH))
@@ -109,21 +109,35 @@ class Encoder:
         self.image_size = cfg.read.image_size
         log.info("encoder on %s, precision %s, %d torch threads", self.device, precision, torch.get_num_threads())
 
-    def embed(self, pixels: np.ndarray, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """float32 (image embeddings, text embeddings, similarity) for uint8 NHWC pixels and int token ids."""
+    def _autocast(self):
         import torch
 
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-                    else contextlib.nullcontext())
-        with torch.inference_mode(), autocast:
+        return (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                else contextlib.nullcontext())
+
+    def embed_images(self, pixels: np.ndarray):
+        """L2-normalised float32 image features (a torch tensor on the device) for uint8 NHWC pixels."""
+        import torch
+
+        with torch.inference_mode(), self._autocast():
             images = torch.from_numpy(pixels).to(self.device, non_blocking=True)
             images = (images.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
-            image_features = self.image_model(pixel_values=images).image_embeds
+            features = self.image_model(pixel_values=images).image_embeds
+        return torch.nn.functional.normalize(features.float(), dim=-1)
+
+    def embed_texts(self, input_ids: np.ndarray):
+        """L2-normalised float32 text features (the 512 logits) for 77-token id rows, no attention mask."""
+        import torch
+
+        with torch.inference_mode(), self._autocast():
             ids = torch.from_numpy(input_ids.astype(np.int64)).to(self.device, non_blocking=True)
-            text_features = self.text_model(input_ids=ids).logits
-        image_features = torch.nn.functional.normalize(image_features.float(), dim=-1)
-        text_features = torch.nn.functional.normalize(text_features.float(), dim=-1)
-        similarity = (image_features * text_features).sum(dim=-1)
+            features = self.text_model(input_ids=ids).logits
+        return torch.nn.functional.normalize(features.float(), dim=-1)
+
+    def embed(self, pixels: np.ndarray, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """float32 (image embeddings, text embeddings, similarity) for uint8 NHWC pixels and int token ids."""
+        image_features, text_features = self.embed_images(pixels), self.embed_texts(input_ids)
+        similarity = (image_features * text_features).sum(dim=-1)  # cosine, in float32
         return image_features.cpu().numpy(), text_features.cpu().numpy(), similarity.cpu().numpy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:

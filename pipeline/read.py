@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CAPTION_EXTENSION = "txt"
 JSON_EXTENSION = "json"
+LABEL_EXTENSION = "cls"  # class index of zero-shot evaluation sets (ImageNet WebDataset convention)
 MARKER_POSITION = -1
 
 RAW_SCHEMA = pa.schema([
@@ -90,7 +91,7 @@ def iter_tar_samples(fileobj) -> Iterator[RawSample]:
                 if key in seen_keys:
                     current.error = "duplicate_key: this key already appeared earlier in the shard"
                 seen_keys.add(key)
-            if ext in IMAGE_EXTENSIONS or ext in (CAPTION_EXTENSION, JSON_EXTENSION):
+            if ext in IMAGE_EXTENSIONS or ext in (CAPTION_EXTENSION, JSON_EXTENSION, LABEL_EXTENSION):
                 current.members[ext] = tar.extractfile(member).read()
             else:
                 current.ignored.append(ext)  # .pkl, .pth, .npy ... are never read, let alone unpickled

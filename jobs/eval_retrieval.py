@@ -1,0 +1,49 @@
+"""Retrieval Recall@1/5/10 and zero-shot top-1/top-5 of Taiyi-CLIP on WebDataset evaluation sets.
+
+    python jobs/eval_retrieval.py --config configs/eval.yaml --set retrieval='flickr30k-cn/test-{0000..0004}.tar'
+    python jobs/eval_retrieval.py --config configs/eval.yaml --set zeroshot='imagenet-val/*.tar' \
+        --set classes=label_cn.txt
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.evaluate import load_eval_config  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/eval.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="dotted.key=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_eval_config(args.config, args.set)
+    except (ValueError, OSError) as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    from pipeline import storage
+    from pipeline.evaluate import evaluate
+
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(address=address) if address else ray.init(include_dashboard=False)
+    metrics = evaluate(cfg)
+    text = json.dumps(metrics, indent=2, ensure_ascii=False)
+    print(text)
+    if cfg.output:
+        fs, out = storage.filesystem(cfg.output, cfg.storage)
+        storage.write_atomically(fs, storage.join(out, "metrics.json"), text.encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

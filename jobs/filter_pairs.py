@@ -1,0 +1,53 @@
+"""Filter embedded pairs by similarity: keep-lists, optional filtered WebDataset shards, summary and HTML report.
+
+    python jobs/filter_pairs.py --config configs/filter.yaml --set min_similarity=0.2
+    ray job submit --working-dir . -- python jobs/filter_pairs.py --config configs/filter.yaml --set ...
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.curate import load_filter_config  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/filter.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="dotted.key=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_filter_config(args.config, args.set)
+    except (ValueError, OSError) as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger("filter").info("resolved config:\n%s", json.dumps(asdict(cfg), indent=2))
+
+    import ray
+    from ray.data import DataContext
+
+    from pipeline.curate import run_filter_job
+
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address) if address else ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False)
+    DataContext.get_current().enable_progress_bars = False
+    try:
+        summary = run_filter_job(cfg)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = {k: summary[k] for k in ("rule", "threshold", "pairs", "ok", "errors", "kept", "dropped",
+                                      "kept_fraction_of_ok", "shards_skipped_already_written")}
+    print("summary: " + json.dumps(report, ensure_ascii=False), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Curation: pick a similarity threshold (absolute, or the exact top fraction), write keep-lists and filtered shards.
+
+Reads the embed job's committed tables `{embeddings}/embeddings/*.parquet`, one Ray task per table.
+The exact quantile is found in two distributed passes over the similarity column: a fine histogram
+locates the bin that holds the cut-off rank, then only that bin's values are gathered and sorted.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import logging
+import math
+import tarfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from pipeline import storage
+from pipeline.config import StorageCfg, _build, validate_positive
+from pipeline.read import split_member_name
+from pipeline.schema import STATUS_OK
+
+log = logging.getLogger(__name__)
+
+KEEP_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("similarity", pa.float32())])
+HISTOGRAM_BINS = 1 << 16  # over [-1, 1]: bins of 3e-5, so the refining pass gathers few values
+REPORT_BINS = 50
+
+
+@dataclass(frozen=True)
+class FilterCfg:
+    # the embed job's `output` folder (holds embeddings/*.parquet)
+    embeddings: str = ""
+    # folder for keep/*.parquet, shards/*.tar, summary.json and report/
+    output: str = ""
+    # keep ok pairs with similarity >= this (model-specific: measure on your data; see README)
+    min_similarity: float | None = None
+    # or keep the top fraction of ok pairs by similarity, in (0, 1], cut at the exact quantile
+    keep_top_fraction: float | None = None
+    # also write filtered WebDataset shards holding every member of the kept samples, byte for byte
+    write_shards: bool = False
+    # rewrite outputs that exist (default: a rerun skips shards already written, giving the same files)
+    overwrite: bool = False
+    # build the HTML report with plots and a gallery
+    report: bool = True
+    # thumbnails per similarity band in the report's gallery
+    gallery_per_band: int = 8
+    # CPUs per filtering task
+    num_cpus: float = 0.5
+    storage: StorageCfg = field(default_factory=StorageCfg)
+    # cluster address; null = RAY_ADDRESS or a local Ray
+    ray_address: str | None = None
+    # CPUs of a local Ray
+    ray_num_cpus: int | None = None
+
+
+def load_filter_config(path, overrides=()) -> FilterCfg:
+    from pipeline.config import read_raw
+
+    cfg = _build(FilterCfg, read_raw(path, overrides), "")
+    if not cfg.embeddings or not cfg.output:
+        raise ValueError("embeddings and output: required (the embed job's output folder, and a folder for ours)")
+    if (cfg.min_similarity is None) == (cfg.keep_top_fraction is None):
+        raise ValueError("set exactly one rule: min_similarity or keep_top_fraction")
+    if cfg.min_similarity is not None and not -1.0 <= cfg.min_similarity <= 1.0:
+        raise ValueError(f"min_similarity: a cosine, in [-1, 1]; got {cfg.min_similarity}")
+    if cfg.keep_top_fraction is not None and not 0.0 < cfg.keep_top_fraction <= 1.0:
+        raise ValueError(f"keep_top_fraction: must be in (0, 1], got {cfg.keep_top_fraction}")
+    validate_positive({"gallery_per_band": cfg.gallery_per_band, "num_cpus": cfg.num_cpus})
+    return cfg
+
+
+def embedding_files(cfg: FilterCfg) -> list[str]:
+    fs, path = storage.filesystem(cfg.embeddings, cfg.storage)
+    folder = storage.join(path, "embeddings")
+    if not fs.exists(folder):
+        raise ValueError(f"embeddings: {cfg.embeddings} has no embeddings/ folder (is it the embed job's output?)")
+    files = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet"))
+    if not files:
+        raise ValueError(f"embeddings: no committed tables in {storage.unstrip(fs, folder)}")
+    return [storage.unstrip(fs, p) for p in files]
+
+
+def _read(url: str, storage_cfg: StorageCfg, columns: list[str]) -> pa.Table:
+    fs, path = storage.filesystem(url, storage_cfg)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def _ok_similarities(url: str, storage_cfg: StorageCfg) -> np.ndarray:
+    table = _read(url, storage_cfg, ["status", "similarity"])
+    ok = table.filter(pc.equal(table.column("status"), STATUS_OK))
+    return ok.column("similarity").to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def _bin_of(values: np.ndarray) -> np.ndarray:
+    return np.clip(((values + 1.0) / 2.0 * HISTOGRAM_BINS).astype(np.int64), 0, HISTOGRAM_BINS - 1)
+
+
+def exact_top_threshold(files: list[str], cfg: FilterCfg) -> tuple[float, int, int]:
+    """(cut-off, kept, ok pairs): the similarity of the k-th highest ok pair, k = ceil(fraction * n).
+
+    Ties at the cut-off are kept together, so `kept` may exceed k when pairs share that exact score.
+    """
+    files_ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+
+    def histogram(batch):
+        counts = np.zeros(HISTOGRAM_BINS, np.int64)
+        for url in batch["file"]:
+            np.add.at(counts, _bin_of(_ok_similarities(url, cfg.storage)), 1)
+        return {"counts": [counts]}
+
+    counts = np.sum(np.stack(list(files_ds.map_batches(histogram, batch_size=1, num_cpus=cfg.num_cpus)
+                                  .to_pandas()["counts"])), axis=0)
+    total = int(counts.sum())
+    if total == 0:
+        raise ValueError("no ok pairs in the embeddings: nothing to rank")
+    k = max(1, math.ceil(cfg.keep_top_fraction * total))
+    from_top = np.cumsum(counts[::-1])
+    target_bin = HISTOGRAM_BINS - 1 - int(np.searchsorted(from_top, k))
+    above = int(counts[target_bin + 1:].sum())
+
+    def values_in_bin(batch):
+        found = [v for url in batch["file"] for v in _ok_similarities(url, cfg.storage)
+                 if _bin_of(np.array([v]))[0] == target_bin]
+        return {"values": [np.array(found, np.float64)]}
+
+    in_bin = np.sort(np.concatenate(list(files_ds.map_batches(values_in_bin, batch_size=1, num_cpus=cfg.num_cpus)
+                                         .to_pandas()["values"])))[::-1]
+    threshold = float(in_bin[k - above - 1])
+    kept = above + int((in_bin >= threshold).sum())
+    return threshold, kept, total
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    name: str
+    rows: int = 0
+    ok: int = 0
+    kept: int = 0
+    errors_by_reason: dict = field(default_factory=dict)
+    histogram: list = field(default_factory=list)
+    skipped: bool = False
+
+
+def filter_table(url: str, threshold: float, cfg: FilterCfg) -> dict:
+    """One embedding table: its keep-list (and filtered shard), atomically, unless already written."""
+    name = url.rstrip("/").rsplit("/", 1)[-1][: -len(".parquet")]
+    fs, out = storage.filesystem(cfg.output, cfg.storage)
+    keep_path = storage.join(out, "keep", f"{name}.parquet")
+    table = _read(url, cfg.storage, ["key", "shard", "position", "status", "error", "similarity"])
+    ok_mask = pc.equal(table.column("status"), STATUS_OK)
+    keep_mask = pc.and_(ok_mask, pc.greater_equal(table.column("similarity"), pa.scalar(threshold, pa.float32())))
+    kept = table.filter(keep_mask)
+    similarities = table.filter(ok_mask).column("similarity").to_numpy(zero_copy_only=False)
+    result = ShardResult(
+        shard=table.column("shard")[0].as_py() if table.num_rows else url, name=name, rows=table.num_rows,
+        ok=len(similarities), kept=kept.num_rows,
+        errors_by_reason=dict(collections.Counter(e.split(":", 1)[0] for e in table.column("error").to_pylist() if e)),
+        histogram=np.histogram(similarities, bins=REPORT_BINS, range=(-1, 1))[0].tolist())
+    if fs.exists(keep_path) and not cfg.overwrite:
+        result.skipped = True
+        return result.__dict__
+    if cfg.write_shards and table.num_rows:
+        kept_keys = set(kept.column("key").to_pylist())
+        positions = set(kept.column("position").to_pylist())
+        payload = filtered_shard(result.shard, kept_keys, positions, cfg.storage)
+        storage.write_atomically(fs, storage.join(out, "shards", f"{name}.tar"), payload)
+    sink = io.BytesIO()
+    pq.write_table(kept.select(KEEP_SCHEMA.names).cast(KEEP_SCHEMA), sink)
+    storage.write_atomically(fs, keep_path, sink.getvalue())  # last: its presence marks the shard done
+    return result.__dict__
+
+
+def filtered_shard(shard_url: str, keep_keys: set[str], keep_positions: set[int], storage_cfg: StorageCfg) -> bytes:
+    """A tar of every member of the kept samples, copied byte for byte with their headers, in shard order.
+
+    Samples are counted as the reader counts them (consecutive members with one key), so a repeated key
+    keeps only the occurrence that was embedded and kept."""
+    fs, path = storage.filesystem(shard_url, storage_cfg)
+    sink = io.BytesIO()
+    position, current = -1, None
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as src, \
+            tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as dst:
+        seen_exts: set[str] = set()
+        for member in src:
+            if not member.isfile():
+                continue
+            key, ext = split_member_name(member.name)
+            if key is None:
+                continue
+            if key != current or ext in seen_exts:
+                position, current, seen_exts = position + 1, key, set()
+            seen_exts.add(ext)
+            if key in keep_keys and position in keep_positions:
+                dst.addfile(member, src.extractfile(member))
+    return sink.getvalue()
+
+
+def run_filter_job(cfg: FilterCfg) -> dict:
+    files = embedding_files(cfg)
+    if cfg.keep_top_fraction is not None:
+        threshold, expected_kept, ok_pairs = exact_top_threshold(files, cfg)
+        log.info("keep_top_fraction=%g of %d ok pairs: cut-off similarity %.6f", cfg.keep_top_fraction, ok_pairs,
+                 threshold)
+    else:
+        threshold = cfg.min_similarity
+    files_ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    results = [json.loads(r) for r in files_ds.map(
+        lambda row: {"result": json.dumps(filter_table(row["file"], threshold, cfg))},
+        num_cpus=cfg.num_cpus).to_pandas()["result"]]
+    results.sort(key=lambda r: r["name"])
+    rows, ok, kept = (sum(r[k] for r in results) for k in ("rows", "ok", "kept"))
+    reasons = collections.Counter()
+    for r in results:
+        reasons.update(r["errors_by_reason"])
+    histogram = np.sum([r["histogram"] for r in results], axis=0).tolist()
+    summary = {
+        "rule": ({"keep_top_fraction": cfg.keep_top_fraction} if cfg.keep_top_fraction is not None
+                 else {"min_similarity": cfg.min_similarity}),
+        "threshold": threshold, "pairs": rows, "ok": ok, "errors": rows - ok, "kept": kept,
+        "dropped": rows - kept, "kept_fraction_of_ok": round(kept / ok, 6) if ok else None,
+        "errors_by_reason": dict(reasons),
+        "similarity_histogram": {"bins": REPORT_BINS, "range": [-1, 1], "counts": histogram},
+        "shards": {r["shard"]: {k: r[k] for k in ("name", "rows", "ok", "kept", "errors_by_reason")}
+                   for r in results},
+        "embeddings": cfg.embeddings, "write_shards": cfg.write_shards,
+    }
+    fs, out = storage.filesystem(cfg.output, cfg.storage)
+    storage.write_atomically(fs, storage.join(out, "summary.json"),
+                             json.dumps(summary, indent=2, ensure_ascii=False).encode())
+    if cfg.report:
+        from pipeline.report import write_report
+
+        write_report(cfg, summary, files, threshold)
+    # not in summary.json, which a rerun must reproduce byte for byte
+    return {**summary, "shards_skipped_already_written": sum(r["skipped"] for r in results)}

@@ -1,0 +1,215 @@
+"""The curation report: one static folder (index.html, PNG plots, thumbnails) that opens from disk or a bucket."""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import logging
+import tarfile
+
+import numpy as np
+import pyarrow.compute as pc
+import ray
+from PIL import Image
+
+from pipeline import storage
+from pipeline.read import IMAGE_EXTENSIONS, split_member_name
+from pipeline.schema import STATUS_OK
+
+log = logging.getLogger(__name__)
+
+THUMB_SIDE = 192
+
+
+def band_candidates(url: str, threshold: float, per_band: int, storage_cfg) -> dict:
+    """This table's lowest, nearest-to-threshold and highest ok pairs: merged on the driver into global bands."""
+    from pipeline.curate import _read
+
+    table = _read(url, storage_cfg, ["key", "shard", "position", "status", "caption", "similarity"])
+    ok = table.filter(pc.equal(table.column("status"), STATUS_OK))
+    rows = ok.select(["key", "shard", "position", "caption", "similarity"]).to_pylist()
+    by_score = sorted(rows, key=lambda r: r["similarity"])
+    near = sorted(rows, key=lambda r: abs(r["similarity"] - threshold))
+    return {"lowest": by_score[:per_band], "threshold": near[:per_band], "highest": by_score[::-1][:per_band]}
+
+
+def thumbnails(shard_url: str, positions: list[int], storage_cfg) -> dict[int, bytes]:
+    """JPEG thumbnails of the samples at `positions` of one shard (read as the embed job counts samples)."""
+    fs, path = storage.filesystem(shard_url, storage_cfg)
+    wanted, found = set(positions), {}
+    position, current, seen = -1, None, set()
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = split_member_name(member.name)
+            if key is None:
+                continue
+            if key != current or ext in seen:
+                position, current, seen = position + 1, key, set()
+            seen.add(ext)
+            if position in wanted and ext in IMAGE_EXTENSIONS and position not in found:
+                try:
+                    image = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
+                    image.thumbnail((THUMB_SIDE, THUMB_SIDE))
+                    out = io.BytesIO()
+                    image.save(out, "JPEG", quality=85)
+                    found[position] = out.getvalue()
+                except Exception as exc:  # noqa: BLE001 - a thumbnail is best effort; the row still shows
+                    log.warning("no thumbnail for %s #%d: %s", shard_url, position, exc)
+            if len(found) == len(wanted):
+                break
+    return found
+
+
+def plots(summary: dict, threshold: float) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = {}
+    counts = np.array(summary["similarity_histogram"]["counts"])
+    edges = np.linspace(-1, 1, len(counts) + 1)
+    nonzero = np.flatnonzero(counts)
+    lo, hi = (edges[nonzero[0]], edges[nonzero[-1] + 1]) if len(nonzero) else (-1, 1)
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4c72b0", edgecolor="white")
+    ax.axvline(threshold, color="#c44e52", linewidth=2, label=f"threshold {threshold:.4f}")
+    ax.set_xlim(min(lo, threshold) - 0.05, max(hi, threshold) + 0.05)
+    ax.set_xlabel("image-text cosine similarity")
+    ax.set_ylabel("pairs")
+    kept = summary["kept_fraction_of_ok"]
+    ax.set_title(f"similarity of {summary['ok']} ok pairs: {summary['kept']} kept"
+                 + (f" ({kept:.1%})" if kept is not None else ""))
+    ax.legend()
+    figures["histogram.png"] = _png(fig)
+
+    shards = list(summary["shards"].values())
+    fractions = [s["kept"] / s["ok"] if s["ok"] else 0.0 for s in shards]
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.bar(range(len(shards)), fractions, color="#55a868")
+    if shards:
+        ax.axhline(float(np.mean(fractions)), color="black", linestyle="--", linewidth=1, label="mean")
+        ax.legend()
+    ax.set_xticks(range(len(shards)), [s["name"] for s in shards] if len(shards) <= 40 else [""] * len(shards),
+                  rotation=90, fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("kept fraction of ok pairs")
+    ax.set_title("per shard: an outlier shard stands out")
+    figures["shards.png"] = _png(fig)
+
+    reasons = summary["errors_by_reason"]
+    fig, ax = plt.subplots(figsize=(8, max(1.5, 0.4 * len(reasons) + 1)))
+    if reasons:
+        names = sorted(reasons, key=reasons.get)
+        ax.barh(names, [reasons[n] for n in names], color="#dd8452")
+    else:
+        ax.text(0.5, 0.5, "no error rows", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("error rows")
+    ax.set_title(f"{summary['errors']} error rows by reason (always dropped)")
+    figures["errors.png"] = _png(fig)
+    return figures
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(cfg, summary: dict, files: list[str], threshold: float) -> str:
+    """Write {output}/report/: index.html, histogram/shards/errors PNGs, gallery thumbnails. Returns its URL."""
+    per_band = cfg.gallery_per_band
+    parts = ray.get([ray.remote(num_cpus=cfg.num_cpus)(band_candidates).remote(f, threshold, per_band, cfg.storage)
+                     for f in files])
+    bands = {
+        "lowest": sorted((r for p in parts for r in p["lowest"]), key=lambda r: r["similarity"])[:per_band],
+        "threshold": sorted((r for p in parts for r in p["threshold"]),
+                            key=lambda r: abs(r["similarity"] - threshold))[:per_band],
+        "highest": sorted((r for p in parts for r in p["highest"]), key=lambda r: -r["similarity"])[:per_band],
+    }
+    wanted: dict[str, set[int]] = {}
+    for rows in bands.values():
+        for r in rows:
+            wanted.setdefault(r["shard"], set()).add(r["position"])
+    shards = list(wanted)
+    fetched = ray.get([ray.remote(num_cpus=cfg.num_cpus)(thumbnails).remote(s, sorted(wanted[s]), cfg.storage)
+                       for s in shards])
+    thumbs = {(s, pos): data for s, found in zip(shards, fetched) for pos, data in found.items()}
+
+    fs, out = storage.filesystem(cfg.output, cfg.storage)
+    folder = storage.join(out, "report")
+    for name, png in plots(summary, threshold).items():
+        storage.write_atomically(fs, storage.join(folder, name), png)
+    names = {}
+    for i, ((shard, position), data) in enumerate(sorted(thumbs.items())):
+        names[(shard, position)] = f"thumbs/{i:04d}.jpg"
+        storage.write_atomically(fs, storage.join(folder, names[(shard, position)]), data)
+    page = render_html(summary, threshold, bands, names)
+    storage.write_atomically(fs, storage.join(folder, "index.html"), page.encode("utf-8"))
+    url = storage.unstrip(fs, storage.join(folder, "index.html"))
+    log.info("report written to %s", url)
+    return url
+
+
+BAND_TITLES = {"lowest": "Lowest similarity (dropped first)", "threshold": "Around the threshold",
+               "highest": "Highest similarity"}
+
+
+def render_html(summary: dict, threshold: float, bands: dict, thumbs: dict) -> str:
+    esc = html.escape
+    rule = ", ".join(f"{k} = {v}" for k, v in summary["rule"].items())
+    kept = summary["kept_fraction_of_ok"]
+    gallery = []
+    for band, rows in bands.items():
+        cards = []
+        for r in rows:
+            src = thumbs.get((r["shard"], r["position"]))
+            verdict = "kept" if r["similarity"] >= threshold else "dropped"
+            image = f'<img src="{esc(src)}" alt="{esc(r["key"])}">' if src else '<div class="noimg">no image</div>'
+            cards.append(f'<figure class="{verdict}">{image}<figcaption><b>{r["similarity"]:.4f}</b> '
+                         f'<span class="verdict">{verdict}</span><br>{esc(r["caption"] or "")}'
+                         f'<br><small>{esc(r["key"])}</small></figcaption></figure>')
+        gallery.append(f'<h3>{BAND_TITLES[band]}</h3><div class="band">{"".join(cards)}</div>')
+    stats = {"pairs": summary["pairs"], "ok": summary["ok"], "error rows": summary["errors"],
+             "kept": summary["kept"], "dropped": summary["dropped"],
+             "kept fraction of ok": f"{kept:.2%}" if kept is not None else "n/a", "threshold": f"{threshold:.6f}"}
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in stats.items())
+    return f"""<!doctype html>
+<html lang="zh-CN"><head><meta charset="utf-8"><title>Curation report</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; }} th, td {{ padding: 2px 12px; text-align: left; }}
+.band {{ display: flex; flex-wrap: wrap; gap: 12px; }}
+figure {{ width: 200px; margin: 0; padding: 6px; border: 3px solid #ccc; border-radius: 6px; }}
+figure.kept {{ border-color: #55a868; }} figure.dropped {{ border-color: #c44e52; }}
+figure img {{ max-width: 192px; max-height: 192px; display: block; margin: auto; }}
+figcaption {{ font-size: 13px; margin-top: 4px; }} .noimg {{ height: 96px; background: #eee; }}
+</style></head>
+<body>
+<h1>Curation report</h1>
+<p>Rule: {esc(rule)}. Embeddings: <code>{esc(str(summary["embeddings"]))}</code>.
+Error rows are always dropped. Similarity scores are specific to the model that produced them.</p>
+<table>{rows}</table>
+<h2>Similarity distribution</h2><img src="histogram.png" alt="similarity histogram">
+<h2>Kept fraction per shard</h2><img src="shards.png" alt="kept fraction per shard">
+<h2>Errors by reason</h2><img src="errors.png" alt="errors by reason">
+<h2>What the threshold drops</h2>
+{"".join(gallery)}
+<script>
+// for headless checks: how many images decoded
+window.addEventListener("load", () => {{
+  const images = Array.from(document.images);
+  document.body.dataset.imagesTotal = images.length;
+  document.body.dataset.imagesLoaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
+}});
+</script>
+<script type="application/json" id="summary">{esc(json.dumps({k: summary[k] for k in ("pairs", "ok", "kept")}))}</script>
+</body></html>
+"""

@@ -1,0 +1,62 @@
+"""The curation report opens in a real headless browser: the page loads, every image renders, a screenshot."""
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import job_config, make_shards
+from pipeline.curate import load_filter_config, run_filter_job
+from pipeline.run import run_embed_job
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--virtual-time-budget=5000", "--allow-file-access-from-files"]
+
+
+@pytest.fixture(scope="module")
+def report(local_ray, tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    make_shards(root / "shards", 3, 8)
+    run_embed_job(job_config(tiny_models, f"{root}/shards/*.tar", str(root / "emb")))
+    cfg = load_filter_config(None, [f"embeddings={root / 'emb'}", f"output={root / 'out'}",
+                                    "keep_top_fraction=0.5", "gallery_per_band=4"])
+    summary = run_filter_job(cfg)
+    return root / "out" / "report", summary
+
+
+def test_report_files(report):
+    folder, summary = report
+    assert {p.name for p in folder.iterdir()} >= {"index.html", "histogram.png", "shards.png", "errors.png",
+                                                 "thumbs"}
+    page = (folder / "index.html").read_text()
+    assert f"{summary['threshold']:.6f}" in page
+    assert page.count('<figure class="') == 12  # 3 bands x 4
+    assert "Lowest similarity" in page and "Around the threshold" in page and "Highest similarity" in page
+    for name in ("histogram.png", "shards.png", "errors.png"):
+        with Image.open(folder / name) as plot:
+            assert plot.size[0] > 500 and np.asarray(plot.convert("L")).std() > 5
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    folder, _ = report
+    url = (folder / "index.html").as_uri()
+    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    total = int(re.search(r'data-images-total="(\d+)"', dom.stdout).group(1))
+    loaded = int(re.search(r'data-images-loaded="(\d+)"', dom.stdout).group(1))
+    assert total == 3 + 12 and loaded == total  # three plots and twelve thumbnails decoded by the browser
+
+    shot = tmp_path / "report.png"
+    subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", f"--screenshot={shot}",
+                    "--window-size=1280,2400", url], capture_output=True, timeout=120, check=True)
+    with Image.open(shot) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert image.size == (1280, 2400)
+    assert pixels.std() > 20  # plots and photos, not a blank page
