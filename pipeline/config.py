@@ -69,8 +69,9 @@ class EncoderCfg:
 
 @dataclass(frozen=True)
 class WriteCfg:
-    # CPU cores reserved per part-writing task
-    num_cpus: float = 0.25
+    # CPU cores reserved per part-writing / commit task: 0, as writes are I/O; a reservation lets busy
+    # read tasks hold back every write, and outputs (and commits) then arrive in bursts
+    num_cpus: float = 0.0
     # float16 halves storage; float32 for readers without Parquet FLOAT16 (Spark)
     embedding_dtype: str = "float16"
     # Parquet compression codec
