@@ -23,7 +23,7 @@ import ray
 
 from pipeline import storage
 from pipeline.config import StorageCfg, _build, validate_positive
-from pipeline.read import split_member_name
+from pipeline.read import positioned_members
 from pipeline.schema import STATUS_OK
 
 log = logging.getLogger(__name__)
@@ -186,19 +186,9 @@ def filtered_shard(shard_url: str, keep_keys: set[str], keep_positions: set[int]
     keeps only the occurrence that was embedded and kept."""
     fs, path = storage.filesystem(shard_url, storage_cfg)
     sink = io.BytesIO()
-    position, current = -1, None
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as src, \
             tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as dst:
-        seen_exts: set[str] = set()
-        for member in src:
-            if not member.isfile():
-                continue
-            key, ext = split_member_name(member.name)
-            if key is None:
-                continue
-            if key != current or ext in seen_exts:
-                position, current, seen_exts = position + 1, key, set()
-            seen_exts.add(ext)
+        for position, key, _, member in positioned_members(src):
             if key in keep_keys and position in keep_positions:
                 dst.addfile(member, src.extractfile(member))
     return sink.getvalue()

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -157,8 +158,10 @@ class Encoder:
             image_emb[todo], text_emb[todo], similarity[todo] = self.embed(pixels[todo], input_ids[todo])
         ok = np.zeros(n, bool)
         ok[todo] = True
-        return embedded_table(batch, ok, image_emb.astype(self.embedding_dtype),
-                              text_emb.astype(self.embedding_dtype), similarity)
+        table = embedded_table(batch, ok, image_emb.astype(self.embedding_dtype), text_emb.astype(self.embedding_dtype),
+                               similarity)
+        # when this batch left the towers: the driver's steady-state rate starts at the first one
+        return table.append_column("encoded_at", pa.array(np.full(n, time.time()), pa.float64()))
 
 
 def embedded_table(batch: pa.Table, ok: np.ndarray, image_emb: np.ndarray, text_emb: np.ndarray,

@@ -62,6 +62,22 @@ def split_member_name(name: str) -> tuple[str | None, str | None]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
+def positioned_members(tar: tarfile.TarFile) -> Iterator[tuple[int, str, str, tarfile.TarInfo]]:
+    """(sample position, key, extension, member) for the regular members of a streamed tar, counting
+    samples exactly as iter_tar_samples does: later stages find a sample's members by its position."""
+    position, current, seen = -1, None, set()
+    for member in tar:
+        if not member.isfile():
+            continue
+        key, ext = split_member_name(member.name)
+        if key is None:
+            continue
+        if key != current or ext in seen:
+            position, current, seen = position + 1, key, set()
+        seen.add(ext)
+        yield position, key, ext, member
+
+
 def iter_tar_samples(fileobj) -> Iterator[RawSample]:
     """Group consecutive members with the same key into samples, in tar order.
 

@@ -14,7 +14,7 @@ import ray
 from PIL import Image
 
 from pipeline import storage
-from pipeline.read import IMAGE_EXTENSIONS, split_member_name
+from pipeline.read import IMAGE_EXTENSIONS, positioned_members
 from pipeline.schema import STATUS_OK
 
 log = logging.getLogger(__name__)
@@ -38,17 +38,8 @@ def thumbnails(shard_url: str, positions: list[int], storage_cfg) -> dict[int, b
     """JPEG thumbnails of the samples at `positions` of one shard (read as the embed job counts samples)."""
     fs, path = storage.filesystem(shard_url, storage_cfg)
     wanted, found = set(positions), {}
-    position, current, seen = -1, None, set()
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = split_member_name(member.name)
-            if key is None:
-                continue
-            if key != current or ext in seen:
-                position, current, seen = position + 1, key, set()
-            seen.add(ext)
+        for position, _, ext, member in positioned_members(tar):
             if position in wanted and ext in IMAGE_EXTENSIONS and position not in found:
                 try:
                     image = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")

@@ -130,7 +130,9 @@ def run_embed_job(cfg: JobCfg) -> dict:
     failed: dict[str, str] = {}
     commit_task = ray.remote(num_cpus=cfg.write.num_cpus, max_retries=3)(commit_shard)
     pipeline_started, samples_seen, last_report = time.time(), 0, time.time()
-    first_output, last_output = None, None  # (time, samples in the first batch), time: the steady-state window
+    # the steady-state window: from the first batch out of the encoders (actors started, weights loaded,
+    # first batch done) to the last part written; (time, samples of that first batch), time
+    first_output, last_output = None, None
 
     def collect(block: bool) -> None:
         pending = list(commits.values())
@@ -148,10 +150,14 @@ def run_embed_job(cfg: JobCfg) -> dict:
     if todo:
         ds = build_dataset(cfg, todo, run_id, random_weights, tokenizer)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            now = time.time()
-            if first_output is None:
-                first_output = (now, sum(len(p) for p in batch.column("positions").to_pylist()))
-            last_output = now
+            last_output = time.time()
+            for encoded_at, rows in zip(batch.column("encoded_at").to_pylist(), batch.column("rows").to_pylist()):
+                if encoded_at is None:
+                    continue
+                if first_output is None or encoded_at < first_output[0]:
+                    first_output = (encoded_at, rows)
+                elif encoded_at == first_output[0]:  # the same batch, split across two shards' parts
+                    first_output = (encoded_at, first_output[1] + rows)
             for row in batch.to_pylist():
                 shard = progress[row["shard"]]
                 if row["part"] is not None:
@@ -186,7 +192,6 @@ def run_embed_job(cfg: JobCfg) -> dict:
     summary = summarize(cfg, run_id, started, pipeline_started, shards, todo, results, failed, progress,
                         random_weights)
     if first_output is not None and last_output > first_output[0]:
-        # after the first output (actors started, weights loaded) until the last: the pipeline's own rate
         summary["startup_s"] = round(first_output[0] - started, 3)
         summary["steady_pairs_per_s"] = round((samples_seen - first_output[1]) / (last_output - first_output[0]), 3)
     write_summary(cfg, summary)

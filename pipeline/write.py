@@ -28,6 +28,7 @@ PART_SCHEMA = pa.schema([
     ("positions", pa.list_(pa.int64())),  # their positions in the shard: the driver counts each once
     ("shard_samples", pa.int64()),   # marker rows: samples in the shard; else -1
     ("shard_error", pa.string()),
+    ("encoded_at", pa.float64()),    # when the part's samples left the encoder (the earliest of them)
 ])
 
 
@@ -60,10 +61,10 @@ def write_parts(batch: pa.Table, cfg: JobCfg, run_id: str) -> pa.Table:
                 pq.write_table(samples.select(schema.names).cast(schema), f, compression=cfg.write.compression)
             out.append({"shard": url, "part": path, "rows": samples.num_rows,
                         "positions": samples.column("position").to_pylist(), "shard_samples": -1,
-                        "shard_error": None})
+                        "shard_error": None, "encoded_at": pc.min(samples.column("encoded_at")).as_py()})
         markers = batch.filter(pc.and_(of_shard, pc.less(positions, 0)))
         for marker in markers.select(["shard_samples", "shard_error"]).to_pylist():
-            out.append({"shard": url, "part": None, "rows": 0, "positions": [], **marker})
+            out.append({"shard": url, "part": None, "rows": 0, "positions": [], "encoded_at": None, **marker})
     return pa.Table.from_pylist(out, schema=PART_SCHEMA)
 
 
