@@ -129,7 +129,7 @@ class MemorySampler:
     """Peak total PSS (shared pages counted once) of this process and all its descendants: the driver,
     Ray's GCS, raylet, object store and every worker of the local Ray started here."""
 
-    def __init__(self, interval_s: float = 1.0):
+    def __init__(self, interval_s: float = 2.0):
         self.interval_s, self.peak_bytes, self._stop = interval_s, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 KEEP_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("similarity", pa.float32())])
 HISTOGRAM_BINS = 1 << 16  # over [-1, 1]: bins of 3e-5, so the refining pass gathers few values
-REPORT_BINS = 50
+REPORT_BINS = 200  # 0.01 wide over [-1, 1]: CLIP scores crowd into a narrow range
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,17 @@ def embedding_files(cfg: FilterCfg) -> list[str]:
     if not files:
         raise ValueError(f"embeddings: no committed tables in {storage.unstrip(fs, folder)}")
     return [storage.unstrip(fs, p) for p in files]
+
+
+def embedding_models(url: str, storage_cfg: StorageCfg) -> dict:
+    """Which models (and whether random weights) produced the scores, from the table's metadata."""
+    from pipeline.schema import read_metadata
+
+    fs, path = storage.filesystem(url, storage_cfg)
+    with fs.open(path, "rb") as f:
+        meta = read_metadata(pq.read_schema(f))
+    return {k: meta.get(k) for k in ("text_model", "text_revision", "image_model", "image_revision",
+                                     "random_weights")}
 
 
 def _read(url: str, storage_cfg: StorageCfg, columns: list[str]) -> pa.Table:
@@ -222,6 +233,7 @@ def run_filter_job(cfg: FilterCfg) -> dict:
         "shards": {r["shard"]: {k: r[k] for k in ("name", "rows", "ok", "kept", "errors_by_reason")}
                    for r in results},
         "embeddings": cfg.embeddings, "write_shards": cfg.write_shards,
+        "models": embedding_models(files[0], cfg.storage),
     }
     fs, out = storage.filesystem(cfg.output, cfg.storage)
     storage.write_atomically(fs, storage.join(out, "summary.json"),

@@ -185,7 +185,10 @@ figcaption {{ font-size: 13px; margin-top: 4px; }} .noimg {{ height: 96px; backg
 </style></head>
 <body>
 <h1>Curation report</h1>
+{'<p style="background:#fdd;padding:8px"><b>These scores come from RANDOM weights (demo or benchmark): they mean nothing.</b></p>' if summary["models"].get("random_weights") else ""}
 <p>Rule: {esc(rule)}. Embeddings: <code>{esc(str(summary["embeddings"]))}</code>.
+Models: <code>{esc(str(summary["models"].get("text_model")))}</code> +
+<code>{esc(str(summary["models"].get("image_model")))}</code>.
 Error rows are always dropped. Similarity scores are specific to the model that produced them.</p>
 <table>{rows}</table>
 <h2>Similarity distribution</h2><img src="histogram.png" alt="similarity histogram">
