@@ -191,7 +191,7 @@ def run_embed_job(cfg: JobCfg) -> dict:
 
     summary = summarize(cfg, run_id, started, pipeline_started, shards, todo, results, failed, progress,
                         random_weights)
-    if first_output is not None and last_output > first_output[0]:
+    if first_output is not None and last_output > first_output[0] and samples_seen > first_output[1]:
         summary["startup_s"] = round(first_output[0] - started, 3)
         summary["steady_pairs_per_s"] = round((samples_seen - first_output[1]) / (last_output - first_output[0]), 3)
     write_summary(cfg, summary)

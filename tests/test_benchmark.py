@@ -12,7 +12,8 @@ def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "jobs/benchmark.py", "--tiny", "--pairs", "32", "--per-shard", "4", "--precisions",
-         "fp32,bf16", "--ceiling-seconds", "1", "--cache", str(tmp_path / "cache"), "--json", str(out)],
+         "fp32,bf16", "--ceiling-seconds", "1", "--set", "encoder.batch_size=4", "--set", "read.batch_size=4",
+         "--cache", str(tmp_path / "cache"), "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
