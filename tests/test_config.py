@@ -68,5 +68,12 @@ def test_cli_reports_config_errors_before_ray_starts():
 
 
 def test_shipped_configs_are_valid():
-    for path in (REPO / "configs").glob("*.yaml"):
-        load_config(path)
+    from pipeline.curate import load_filter_config
+    from pipeline.evaluate import load_eval_config
+
+    configs = {p.name for p in (REPO / "configs").glob("*.yaml")}
+    assert configs == {"demo.yaml", "wukong.yaml", "benchmark.yaml", "filter.yaml", "eval.yaml"}
+    for name in ("demo.yaml", "wukong.yaml", "benchmark.yaml"):
+        load_config(REPO / "configs" / name)
+    load_filter_config(REPO / "configs" / "filter.yaml")
+    load_eval_config(REPO / "configs" / "eval.yaml", ["retrieval=flickr30k-cn/*.tar"])
