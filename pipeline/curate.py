@@ -89,11 +89,12 @@ def embedding_files(cfg: FilterCfg) -> list[str]:
 
 def embedding_models(url: str, storage_cfg: StorageCfg) -> dict:
     """Which models (and whether random weights) produced the scores, from the table's metadata."""
-    from pipeline.schema import read_metadata
+    from pipeline.schema import METADATA_KEY, read_metadata
 
     fs, path = storage.filesystem(url, storage_cfg)
     with fs.open(path, "rb") as f:
-        meta = read_metadata(pq.read_schema(f))
+        schema = pq.read_schema(f)
+    meta = read_metadata(schema) if METADATA_KEY in (schema.metadata or {}) else {}  # not written by our job
     return {k: meta.get(k) for k in ("text_model", "text_revision", "image_model", "image_revision",
                                      "random_weights")}
 
