@@ -92,12 +92,17 @@ def demo_samples(shard_index: int, per_shard: int) -> list[tuple[str, bytes]]:
 
 
 def make_demo_shards(cfg: JobCfg, per_shard: int = 16) -> list[Path]:
-    """Write the shards named by cfg.input (local paths only) unless they exist already."""
-    paths = [Path(p) for p in braceexpand(cfg.input)]
-    if any("://" in str(p) or any(c in str(p) for c in "*?[") for p in paths):
-        raise ValueError("make_demo_shards: input must name local shard files (a path or brace range)")
+    """Write the shards named by cfg.input, only when none of them exists yet (a fresh demo): pointed
+    at real data, the demo config writes nothing."""
+    patterns = list(braceexpand(cfg.input))
+    if any("://" in p or any(c in p for c in "*?[") for p in patterns):
+        log.info("make_demo_shards: input %s is not a list of local files; no demo shards written", cfg.input)
+        return []
+    paths = [Path(p) for p in patterns]
+    if any(p.exists() for p in paths):
+        log.info("demo shards: using the existing files of %s", cfg.input)
+        return paths
     for index, path in enumerate(paths):
-        if not path.exists():
-            write_tar_shard(path, demo_samples(index, per_shard))
-    log.info("demo shards ready: %s", ", ".join(map(str, paths)))
+        write_tar_shard(path, demo_samples(index, per_shard))
+    log.info("demo shards written: %s", ", ".join(map(str, paths)))
     return paths

@@ -62,10 +62,17 @@ def load_towers(cfg: JobCfg, random_weights: bool):
         image = CLIPVisionModelWithProjection(CLIPVisionConfig(**IMAGE_ARCH))
     else:
         # safetensors are preferred when present; .bin files load with torch.load(weights_only=True)
-        text = BertForSequenceClassification.from_pretrained(cfg.model.text, revision=cfg.model.text_revision)
+        text, text_info = BertForSequenceClassification.from_pretrained(
+            cfg.model.text, revision=cfg.model.text_revision, output_loading_info=True)
         with quiet_transformers():  # skipping CLIP's text tower is intended, not worth a warning table
-            image = CLIPVisionModelWithProjection.from_pretrained(cfg.model.image,
-                                                                  revision=cfg.model.image_revision)
+            image, image_info = CLIPVisionModelWithProjection.from_pretrained(
+                cfg.model.image, revision=cfg.model.image_revision, output_loading_info=True)
+        # a checkpoint without the 512-way classifier or the visual projection would load with those
+        # layers randomly initialised, and every score would be noise: refuse instead
+        for name, info in ((cfg.model.text, text_info), (cfg.model.image, image_info)):
+            if info.get("missing_keys"):
+                raise ValueError(f"{name} lacks weights the embedding needs (they would be random): "
+                                 f"{', '.join(sorted(info['missing_keys'])[:5])}")
     if text.config.num_labels != EMBEDDING_DIM or image.config.projection_dim != EMBEDDING_DIM:
         raise ValueError(f"expected {EMBEDDING_DIM}-d towers, got text num_labels={text.config.num_labels}, "
                          f"image projection_dim={image.config.projection_dim}")

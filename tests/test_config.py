@@ -77,3 +77,35 @@ def test_shipped_configs_are_valid():
         load_config(REPO / "configs" / name)
     load_filter_config(REPO / "configs" / "filter.yaml")
     load_eval_config(REPO / "configs" / "eval.yaml", ["retrieval=flickr30k-cn/*.tar"])
+
+
+def test_a_checkpoint_missing_the_projection_is_refused(tiny_models, tmp_path):
+    """A CLIP vision checkpoint without visual_projection (or a BERT without the 512-way classifier)
+    would load with random layers; the encoder refuses it, naming the weights."""
+    from transformers import BertModel, CLIPVisionModel
+
+    from pipeline.encode import load_towers
+
+    text, image = tiny_models
+    CLIPVisionModel.from_pretrained(image).save_pretrained(tmp_path / "no-projection")
+    cfg = load_config(None, [*BASE, f"model.text={text}", f"model.image={tmp_path / 'no-projection'}"])
+    with pytest.raises(ValueError, match="visual_projection"):
+        load_towers(cfg, random_weights=False)
+    BertModel.from_pretrained(text).save_pretrained(tmp_path / "plain-bert")
+    cfg = load_config(None, [*BASE, f"model.text={tmp_path / 'plain-bert'}", f"model.image={image}"])
+    with pytest.raises(ValueError, match="classifier"):
+        load_towers(cfg, random_weights=False)
+    load_towers(load_config(None, [*BASE, f"model.text={text}", f"model.image={image}"]), random_weights=False)
+
+
+def test_demo_config_never_writes_over_real_data(tmp_path):
+    from pipeline.demo import make_demo_shards
+
+    (tmp_path / "00000.tar").write_bytes(b"a user's shard")
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"input={tmp_path}/{{00000..00002}}.tar"])
+    make_demo_shards(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.tar"]
+    assert (tmp_path / "00000.tar").read_bytes() == b"a user's shard"
+    fresh = load_config(REPO / "configs" / "demo.yaml", [f"input={tmp_path}/new/{{00000..00001}}.tar"])
+    assert [p.name for p in make_demo_shards(fresh)] == ["00000.tar", "00001.tar"]
+    assert (tmp_path / "new" / "00001.tar").stat().st_size > 10_000
