@@ -20,11 +20,16 @@ def cluster():
     from ray.data import DataContext
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+    # 4 CPUs a node: the read tasks (8 x 0.25 CPU at most) can never take the CPU an actor needs
+    workers = [cluster.add_node(num_cpus=4, num_gpus=1) for _ in range(2)]
     ray.init(address=cluster.address)
     cluster.wait_for_nodes()
-    DataContext.get_current().enable_progress_bars = False
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    # start feeding only once the whole pool is up, so every actor takes part even in a short job
+    saved, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, 120
     yield cluster, workers
+    ctx.wait_for_min_actors_s = saved
     ray.shutdown()
     cluster.shutdown()
 
@@ -33,6 +38,7 @@ def gpu_config(tiny_models, shard_folder, out, *overrides):
     # logical GPUs: the actors reserve one each, and run the towers on CPU
     return job_config(tiny_models, f"{shard_folder}/{{00000..{N_SHARDS - 1:05d}}}.tar", str(out),
                       "encoder.actors=2", "encoder.num_gpus=1", "encoder.device=cpu", "encoder.num_cpus=0.5",
+                      "read.num_cpus=0.25",
                       *overrides)
 
 
@@ -82,7 +88,7 @@ def test_job_completes_when_a_worker_node_is_lost(cluster, tiny_models, tmp_path
         time.sleep(0.02)
     assert len(list((out / "embeddings").glob("*.parquet"))) < N_SHARDS if (out / "embeddings").exists() else True
     ray_cluster.remove_node(workers[1])  # the node, its actor, its tasks and its objects are gone
-    ray_cluster.add_node(num_cpus=2, num_gpus=1)  # the autoscaler's replacement
+    ray_cluster.add_node(num_cpus=4, num_gpus=1)  # the autoscaler's replacement
     job.join(timeout=300)
     assert not job.is_alive()
     assert result["shards_committed"] == N_SHARDS and result["shards_failed"] == 0
