@@ -139,9 +139,8 @@ def exact_top_threshold(files: list[str], cfg: FilterCfg) -> tuple[float, int, i
     above = int(counts[target_bin + 1:].sum())
 
     def values_in_bin(batch):
-        found = [v for url in batch["file"] for v in _ok_similarities(url, cfg.storage)
-                 if _bin_of(np.array([v]))[0] == target_bin]
-        return {"values": [np.array(found, np.float64)]}
+        values = np.concatenate([_ok_similarities(url, cfg.storage) for url in batch["file"]])
+        return {"values": [values[_bin_of(values) == target_bin]]}
 
     in_bin = np.sort(np.concatenate(list(files_ds.map_batches(values_in_bin, batch_size=1, num_cpus=cfg.num_cpus)
                                          .to_pandas()["values"])))[::-1]
