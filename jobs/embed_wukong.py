@@ -35,7 +35,7 @@ def main(argv=None) -> int:
 
     if cfg.make_demo_shards:
         make_demo_shards(cfg)
-    init_ray(cfg)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
     try:
         summary = run_embed_job(cfg)
     except StorageError as exc:

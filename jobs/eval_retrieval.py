@@ -8,7 +8,6 @@
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -29,13 +28,11 @@ def main(argv=None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
 
-    import ray
-
     from pipeline import storage
     from pipeline.evaluate import evaluate
+    from pipeline.run import init_ray
 
-    address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address) if address else ray.init(include_dashboard=False)
+    init_ray(None, None)
     metrics = evaluate(cfg)
     text = json.dumps(metrics, indent=2, ensure_ascii=False)
     print(text)

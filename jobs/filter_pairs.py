@@ -7,7 +7,6 @@
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -30,14 +29,10 @@ def main(argv=None) -> int:
         return 2
     logging.getLogger("filter").info("resolved config:\n%s", json.dumps(asdict(cfg), indent=2))
 
-    import ray
-    from ray.data import DataContext
-
     from pipeline.curate import run_filter_job
+    from pipeline.run import init_ray
 
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address) if address else ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False)
-    DataContext.get_current().enable_progress_bars = False
+    init_ray(cfg.ray_address, cfg.ray_num_cpus)
     try:
         summary = run_filter_job(cfg)
     except ValueError as exc:

@@ -196,13 +196,12 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
     input_ids = tokenize(load_tokenizer(*tokenizer), texts)
     assert input_ids.shape[1] == MAX_TEXT_TOKENS
 
+    from pipeline.run import init_ray
+
     started = time.perf_counter()
     if not ray.is_initialized():
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+        init_ray(None, cfg.ray.num_cpus)
     report["ray_start_s"] = round(time.perf_counter() - started, 3)
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
     for precision in precisions:
         run_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, precision=precision))
         # the ceiling is measured right before and right after the end-to-end run, and the higher one is

@@ -236,14 +236,16 @@ def write_summary(cfg: JobCfg, summary: dict) -> None:
     log.info("summary written to %s", storage.unstrip(fs, path))
 
 
-def init_ray(cfg: JobCfg) -> None:
+def init_ray(address: str | None, num_cpus: int | None) -> None:
+    """Connect to `address` (or RAY_ADDRESS, which `ray job submit` sets), else start a local Ray with
+    `num_cpus`; every job (embed, filter, eval, benchmark) starts Ray here."""
     from ray.data import DataContext
 
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # our own progress lines; bars flood job logs
     ctx.max_errored_blocks = 0         # per-sample errors are rows: a failed block is a bug, never skipped
