@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "taiyi-embed-bench"),
                         help="generated shards are kept here between runs")
     parser.add_argument("--ceiling-seconds", type=float, default=20.0, help="minimum encoder-only timing")
-    parser.add_argument("--no-memory-check", action="store_true", help="skip the 1/8-size run for memory scaling")
+    parser.add_argument("--no-memory-check", action="store_true", help="skip the two runs (N and 8N shards) that check memory scaling")
     parser.add_argument("--tiny", action="store_true", help="tiny random towers (smoke test only)")
     parser.add_argument("--json", default="benchmark.json", help="where to write the figures")
     args = parser.parse_args(argv)

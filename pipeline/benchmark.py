@@ -172,12 +172,18 @@ def end_to_end(cfg: JobCfg, shards: list[Path], out: Path) -> dict:
 
 
 def measure_ceiling(cfg: JobCfg, random_weights: bool, input_ids: np.ndarray, seconds: float) -> dict:
-    probe = ray.remote(num_cpus=cfg.encoder.num_cpus, num_gpus=cfg.encoder.num_gpus)(CeilingProbe).remote(
-        cfg, random_weights)
+    """One probe per encoder actor, with its resources, all timed at once: the pool's ceiling is their sum."""
+    probes = [ray.remote(num_cpus=cfg.encoder.num_cpus, num_gpus=cfg.encoder.num_gpus)(CeilingProbe).remote(
+        cfg, random_weights) for _ in range(cfg.encoder.actors)]
     try:
-        return ray.get(probe.measure.remote(input_ids, seconds, 3))
+        ray.get([p.__ray_ready__.remote() for p in probes])  # every model loaded before any timing starts
+        each = ray.get([p.measure.remote(input_ids, seconds, 3) for p in probes])
     finally:
-        ray.kill(probe)
+        for p in probes:
+            ray.kill(p)
+    return {"pairs_per_s": round(sum(m["pairs_per_s"] for m in each), 3),
+            "per_actor_pairs_per_s": [m["pairs_per_s"] for m in each], "batches": sum(m["batches"] for m in each),
+            "model_load_s": max(m["model_load_s"] for m in each), "device": each[0]["device"]}
 
 
 def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str], cache: Path,
@@ -189,7 +195,8 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
     random_weights = decide_random_weights(cfg)
     tokenizer = resolve_tokenizer(cfg, random_weights)
     report = {"machine": machine(), "pairs": n_shards * per_shard, "shards": n_shards,
-              "encoder_batch_size": cfg.encoder.batch_size, "torch_threads": cfg.encoder.torch_threads,
+              "encoder_actors": cfg.encoder.actors, "encoder_batch_size": cfg.encoder.batch_size,
+              "torch_threads": cfg.encoder.torch_threads,
               "models": {"text": cfg.model.text, "image": cfg.model.image, "random_weights": random_weights},
               "cpu": decode_rate_per_core(cfg, shards[0], tokenizer), "runs": {}}
     texts = [caption(np.random.default_rng(i)) for i in range(cfg.encoder.batch_size)]
@@ -216,15 +223,28 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
         if e2e["steady_pairs_per_s"]:
             run["steady_ratio"] = round(e2e["steady_pairs_per_s"] / ceiling["pairs_per_s"], 3)
         run["whole_run_ratio"] = round(e2e["pairs"] / e2e["wall_s"] / ceiling["pairs_per_s"], 3)
-        if memory_check and n_shards >= 8:
-            with tempfile.TemporaryDirectory() as tmp:
-                small = end_to_end(run_cfg, shards[: n_shards // 8], Path(tmp) / "out")
-            run["memory_scaling"] = {"pairs_small": small["pairs"], "peak_mib_small": small["peak_memory_mib"],
-                                     "pairs_large": e2e["pairs"], "peak_mib_large": e2e["peak_memory_mib"],
-                                     "growth": round(e2e["peak_memory_mib"] / small["peak_memory_mib"] - 1, 3)}
-            memory_check = False  # once is enough: memory does not depend on precision
         report["runs"][precision] = run
+    if memory_check:
+        report["memory_scaling"] = memory_scaling(run_cfg, cache, per_shard)
     return report
+
+
+def memory_scaling(cfg: JobCfg, cache: Path, per_shard: int) -> dict:
+    """Peak memory of the job on enough shards to give every encoder actor a batch, and on 8x as many.
+
+    Streaming with bounded in-flight blocks keeps the two peaks close. The small run must keep every
+    actor busy: on fewer shards some actors hold weights but never the activations of a batch.
+    """
+    small_shards = max(1, -(-cfg.encoder.actors * cfg.encoder.batch_size // per_shard))
+    shards = make_benchmark_shards(cache / f"shards-{per_shard}", 8 * small_shards, per_shard)
+    peaks = {}
+    for n in (small_shards, 8 * small_shards):
+        with tempfile.TemporaryDirectory() as tmp:
+            peaks[n] = end_to_end(cfg, shards[:n], Path(tmp) / "out")
+    small, large = peaks[small_shards], peaks[8 * small_shards]
+    return {"precision": cfg.model.precision, "pairs_small": small["pairs"], "peak_mib_small": small["peak_memory_mib"],
+            "pairs_large": large["pairs"], "peak_mib_large": large["peak_memory_mib"],
+            "growth": round(large["peak_memory_mib"] / small["peak_memory_mib"] - 1, 3)}
 
 
 def machine() -> dict:
@@ -258,11 +278,10 @@ def format_table(report: dict) -> str:
     lines.append(f"CPU per core: {cpu['decode_images_per_s_per_core']} images/s decoded "
                  f"(mean JPEG {cpu['mean_jpeg_kb']} KiB), {cpu['tokenize_captions_per_s_per_core']} captions/s "
                  f"tokenized; Ray start {report['ray_start_s']} s")
-    for precision, run in report["runs"].items():
-        if "memory_scaling" in run:
-            m = run["memory_scaling"]
-            lines.append(f"memory: {m['pairs_small']} pairs peak {m['peak_mib_small']} MiB, {m['pairs_large']} pairs "
-                         f"peak {m['peak_mib_large']} MiB ({m['growth']:+.1%})")
+    if "memory_scaling" in report:
+        m = report["memory_scaling"]
+        lines.append(f"memory ({m['precision']}): {m['pairs_small']} pairs peak {m['peak_mib_small']} MiB, {m['pairs_large']} pairs "
+                     f"peak {m['peak_mib_large']} MiB ({m['growth']:+.1%})")
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -115,6 +116,7 @@ class Encoder:
         self.std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
         self.pixel_bytes = cfg.read.image_size ** 2 * 3
         self.image_size = cfg.read.image_size
+        self.name = uuid.uuid4().hex[:12]  # tells this actor's batches apart in the driver's steady-state rate
         log.info("encoder on %s, precision %s, %d torch threads", self.device, precision, torch.get_num_threads())
 
     def _autocast(self):
@@ -149,6 +151,7 @@ class Encoder:
         return image_features.cpu().numpy(), text_features.cpu().numpy(), similarity.cpu().numpy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.time()
         n = batch.num_rows
         errors = batch.column("error").to_pylist()
         positions = batch.column("position").to_numpy()
@@ -167,8 +170,10 @@ class Encoder:
         ok[todo] = True
         table = embedded_table(batch, ok, image_emb.astype(self.embedding_dtype), text_emb.astype(self.embedding_dtype),
                                similarity)
-        # when this batch left the towers: the driver's steady-state rate starts at the first one
-        return table.append_column("encoded_at", pa.array(np.full(n, time.time()), pa.float64()))
+        # which actor ran this batch, and when: the driver's steady-state rate is built from these
+        return (table.append_column("encoder", pa.array([self.name] * n, pa.string()))
+                .append_column("encode_started", pa.array(np.full(n, started), pa.float64()))
+                .append_column("encoded_at", pa.array(np.full(n, time.time()), pa.float64())))
 
 
 def embedded_table(batch: pa.Table, ok: np.ndarray, image_emb: np.ndarray, text_emb: np.ndarray,

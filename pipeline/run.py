@@ -78,6 +78,39 @@ class ShardProgress:
         return self.expected is not None and len(self.positions) >= self.expected
 
 
+class SteadyClock:
+    """The steady-state rate: samples per second while every encoder actor is warm.
+
+    The window opens when the last actor to start has finished its first batch (Ray Data start, actor start,
+    weight load and first batch are before it: start-up) and closes at the last part written. A batch that
+    straddles the opening counts for the share of its run time inside the window, so work done before the
+    window never flatters the rate.
+    """
+
+    def __init__(self):
+        self.batches: dict[tuple[str, float], list] = {}  # (actor, started) -> [finished, samples]
+
+    def add(self, encoder: str, started: float, finished: float, samples: int) -> None:
+        batch = self.batches.setdefault((encoder, started), [finished, 0])
+        batch[0], batch[1] = max(batch[0], finished), batch[1] + samples
+
+    def window_start(self) -> float | None:
+        first_done: dict[str, float] = {}
+        for (encoder, _), (finished, _) in self.batches.items():
+            first_done[encoder] = min(finished, first_done.get(encoder, finished))
+        return max(first_done.values(), default=None)
+
+    def steady_rate(self, end: float) -> float | None:
+        opens = self.window_start()
+        if opens is None or end <= opens:
+            return None
+        inside = 0.0
+        for (_, started), (finished, samples) in self.batches.items():
+            if finished > opens:
+                inside += samples * (finished - max(started, opens)) / max(finished - started, 1e-9)
+        return inside / (end - opens) if inside else None
+
+
 def decide_random_weights(cfg: JobCfg) -> bool:
     """Production configs never fall back; the demo does, loudly, when the weights cannot be fetched."""
     if cfg.model.random_weights:
@@ -130,9 +163,7 @@ def run_embed_job(cfg: JobCfg) -> dict:
     failed: dict[str, str] = {}
     commit_task = ray.remote(num_cpus=cfg.write.num_cpus, max_retries=3)(commit_shard)
     pipeline_started, samples_seen, last_report = time.time(), 0, time.time()
-    # the steady-state window: from the first batch out of the encoders (actors started, weights loaded,
-    # first batch done) to the last part written; (time, samples of that first batch), time
-    first_output, last_output = None, None
+    clock, last_output = SteadyClock(), None
 
     def collect(block: bool) -> None:
         pending = list(commits.values())
@@ -151,13 +182,6 @@ def run_embed_job(cfg: JobCfg) -> dict:
         ds = build_dataset(cfg, todo, run_id, random_weights, tokenizer)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             last_output = time.time()
-            for encoded_at, rows in zip(batch.column("encoded_at").to_pylist(), batch.column("rows").to_pylist()):
-                if encoded_at is None:
-                    continue
-                if first_output is None or encoded_at < first_output[0]:
-                    first_output = (encoded_at, rows)
-                elif encoded_at == first_output[0]:  # the same batch, split across two shards' parts
-                    first_output = (encoded_at, first_output[1] + rows)
             for row in batch.to_pylist():
                 shard = progress[row["shard"]]
                 if row["part"] is not None:
@@ -166,6 +190,7 @@ def run_embed_job(cfg: JobCfg) -> dict:
                         shard.parts.append(row["part"])
                         shard.positions |= new
                         samples_seen += len(new)
+                        clock.add(row["encoder"], row["encode_started"], row["encoded_at"], len(new))
                 else:
                     shard.expected, shard.shard_error = row["shard_samples"], row["shard_error"]
                 if shard.complete and shard.url not in commits and shard.url not in results:
@@ -191,9 +216,10 @@ def run_embed_job(cfg: JobCfg) -> dict:
 
     summary = summarize(cfg, run_id, started, pipeline_started, shards, todo, results, failed, progress,
                         random_weights)
-    if first_output is not None and last_output > first_output[0] and samples_seen > first_output[1]:
-        summary["startup_s"] = round(first_output[0] - started, 3)
-        summary["steady_pairs_per_s"] = round((samples_seen - first_output[1]) / (last_output - first_output[0]), 3)
+    steady = clock.steady_rate(last_output) if last_output else None
+    if steady:
+        summary["startup_s"] = round(clock.window_start() - started, 3)
+        summary["steady_pairs_per_s"] = round(steady, 3)
     write_summary(cfg, summary)
     return summary
 

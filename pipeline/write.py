@@ -28,7 +28,11 @@ PART_SCHEMA = pa.schema([
     ("positions", pa.list_(pa.int64())),  # their positions in the shard: the driver counts each once
     ("shard_samples", pa.int64()),   # marker rows: samples in the shard; else -1
     ("shard_error", pa.string()),
-    ("encoded_at", pa.float64()),    # when the part's samples left the encoder (the earliest of them)
+    # the encoder batch the part's samples came from: which actor, when it started and finished (the
+    # driver's steady-state rate); null for marker rows
+    ("encoder", pa.string()),
+    ("encode_started", pa.float64()),
+    ("encoded_at", pa.float64()),
 ])
 
 
@@ -43,28 +47,30 @@ def embeddings_path(cfg: JobCfg, name: str) -> str:
 
 
 def write_parts(batch: pa.Table, cfg: JobCfg, run_id: str) -> pa.Table:
-    """Ray Data stage: one part file per shard present in the batch; returns one row per part or marker."""
+    """Ray Data stage: one part file per shard and encoder batch in the block; returns one row per part or
+    marker."""
     fs, _ = storage.filesystem(cfg.output, cfg.storage)
     schema = embedding_table_schema(cfg.write.embedding_dtype)
     out = []
-    positions = batch.column("position")
-    for url in pc.unique(batch.column("shard")).to_pylist():
-        of_shard = pc.equal(batch.column("shard"), url)
-        samples = batch.filter(pc.and_(of_shard, pc.greater_equal(positions, 0)))
-        if samples.num_rows:
-            lo, hi = pc.min_max(samples.column("position")).values()
-            # unique per attempt: a retried task never overwrites a part another attempt may still write
-            path = storage.join(staging_dir(cfg, run_id), shard_name(url),
-                                f"{lo.as_py():09d}-{hi.as_py():09d}-{uuid.uuid4().hex[:12]}.parquet")
-            fs.makedirs(fs._parent(path), exist_ok=True)
-            with fs.open(path, "wb") as f:
-                pq.write_table(samples.select(schema.names).cast(schema), f, compression=cfg.write.compression)
-            out.append({"shard": url, "part": path, "rows": samples.num_rows,
-                        "positions": samples.column("position").to_pylist(), "shard_samples": -1,
-                        "shard_error": None, "encoded_at": pc.min(samples.column("encoded_at")).as_py()})
-        markers = batch.filter(pc.and_(of_shard, pc.less(positions, 0)))
-        for marker in markers.select(["shard_samples", "shard_error"]).to_pylist():
-            out.append({"shard": url, "part": None, "rows": 0, "positions": [], "encoded_at": None, **marker})
+    samples = batch.filter(pc.greater_equal(batch.column("position"), 0))
+    keys = list(zip(*(samples.column(c).to_pylist() for c in ("shard", "encoder", "encode_started"))))
+    for key in dict.fromkeys(keys):
+        part = samples.filter(pa.array([k == key for k in keys]))
+        url, encoder, started = key
+        lo, hi = pc.min_max(part.column("position")).values()
+        # unique per attempt: a retried task never overwrites a part another attempt may still write
+        path = storage.join(staging_dir(cfg, run_id), shard_name(url),
+                            f"{lo.as_py():09d}-{hi.as_py():09d}-{uuid.uuid4().hex[:12]}.parquet")
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        with fs.open(path, "wb") as f:
+            pq.write_table(part.select(schema.names).cast(schema), f, compression=cfg.write.compression)
+        out.append({"shard": url, "part": path, "rows": part.num_rows,
+                    "positions": part.column("position").to_pylist(), "shard_samples": -1, "shard_error": None,
+                    "encoder": encoder, "encode_started": started,
+                    "encoded_at": pc.max(part.column("encoded_at")).as_py()})
+    markers = batch.filter(pc.less(batch.column("position"), 0))
+    for marker in markers.select(["shard", "shard_samples", "shard_error"]).to_pylist():
+        out.append({"part": None, "rows": 0, "positions": [], **marker})
     return pa.Table.from_pylist(out, schema=PART_SCHEMA)
 
 

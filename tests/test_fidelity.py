@@ -4,7 +4,6 @@ import io
 
 import numpy as np
 import pyarrow as pa
-import pytest
 import torch
 from PIL import Image
 

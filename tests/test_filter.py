@@ -1,6 +1,5 @@
 """The filter job: threshold and exact top-fraction rules, error rows dropped, byte-identical filtered shards."""
 
-import io
 import json
 import tarfile
 

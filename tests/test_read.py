@@ -1,6 +1,5 @@
 """Reading shards: WebDataset key grouping, and every broken shard or sample accounted for."""
 
-import io
 import tarfile
 
 import pyarrow as pa
