@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -126,35 +127,62 @@ class CeilingProbe:
 
 
 class MemorySampler:
-    """Peak total PSS (shared pages counted once) of this process and all its descendants: the driver,
-    Ray's GCS, raylet, object store and every worker of the local Ray started here."""
+    """Memory of this process and all its descendants: the driver, Ray's GCS, raylet, object store and every
+    worker of the local Ray started here.
+
+    Two figures: the peak of the total PSS (shared pages counted once), sampled every `interval_s`, which
+    can miss a peak shorter than that; and the sum of each process's own peak RSS (Linux VmHWM, reset when
+    sampling starts), which misses nothing but counts shared pages once per process.
+    """
 
     def __init__(self, interval_s: float = 2.0):
         self.interval_s, self.peak_bytes, self._stop = interval_s, 0, threading.Event()
+        self.peak_rss: dict[int, int] = {}
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _total(self) -> int:
-        total = 0
+    @staticmethod
+    def _processes() -> list[psutil.Process]:
         me = psutil.Process()
-        for proc in [me, *me.children(recursive=True)]:
+        return [me, *me.children(recursive=True)]
+
+    def _sample(self) -> None:
+        total = 0
+        for proc in self._processes():
             try:
                 total += proc.memory_full_info().pss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                self.peak_rss[proc.pid] = max(self.peak_rss.get(proc.pid, 0), peak_rss_bytes(proc.pid))
+            except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
                 pass
-        return total
+        self.peak_bytes = max(self.peak_bytes, total)
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, self._total())
+            self._sample()
             self._stop.wait(self.interval_s)
 
+    @property
+    def peak_rss_sum_bytes(self) -> int:
+        return sum(self.peak_rss.values())
+
     def __enter__(self):
+        for proc in self._processes():  # forget peaks from before: earlier runs in the same Ray workers
+            with contextlib.suppress(OSError):
+                Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        self._sample()  # the high-water marks of processes still alive, up to the end
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The process's peak resident set size since start or its last reset (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def end_to_end(cfg: JobCfg, shards: list[Path], out: Path) -> dict:
@@ -168,6 +196,7 @@ def end_to_end(cfg: JobCfg, shards: list[Path], out: Path) -> dict:
     return {"pairs": summary["samples"], "ok": summary["ok"], "wall_s": summary["wall_s"],
             "startup_s": summary.get("startup_s"), "steady_pairs_per_s": summary.get("steady_pairs_per_s"),
             "whole_run_pairs_per_s": summary["pairs_per_s"], "peak_memory_mib": round(memory.peak_bytes / 2**20, 1),
+            "peak_rss_sum_mib": round(memory.peak_rss_sum_bytes / 2**20, 1),
             "parquet_bytes_per_pair": round(parquet_bytes / max(summary["samples"], 1), 1)}
 
 
@@ -242,9 +271,11 @@ def memory_scaling(cfg: JobCfg, cache: Path, per_shard: int) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             peaks[n] = end_to_end(cfg, shards[:n], Path(tmp) / "out")
     small, large = peaks[small_shards], peaks[8 * small_shards]
-    return {"precision": cfg.model.precision, "pairs_small": small["pairs"], "peak_mib_small": small["peak_memory_mib"],
-            "pairs_large": large["pairs"], "peak_mib_large": large["peak_memory_mib"],
-            "growth": round(large["peak_memory_mib"] / small["peak_memory_mib"] - 1, 3)}
+    return {"precision": cfg.model.precision, "pairs_small": small["pairs"], "pairs_large": large["pairs"],
+            "peak_mib_small": small["peak_memory_mib"], "peak_mib_large": large["peak_memory_mib"],
+            "growth": round(large["peak_memory_mib"] / small["peak_memory_mib"] - 1, 3),
+            "peak_rss_sum_mib_small": small["peak_rss_sum_mib"], "peak_rss_sum_mib_large": large["peak_rss_sum_mib"],
+            "rss_sum_growth": round(large["peak_rss_sum_mib"] / small["peak_rss_sum_mib"] - 1, 3)}
 
 
 def machine() -> dict:
@@ -280,8 +311,10 @@ def format_table(report: dict) -> str:
                  f"tokenized; Ray start {report['ray_start_s']} s")
     if "memory_scaling" in report:
         m = report["memory_scaling"]
-        lines.append(f"memory ({m['precision']}): {m['pairs_small']} pairs peak {m['peak_mib_small']} MiB, {m['pairs_large']} pairs "
-                     f"peak {m['peak_mib_large']} MiB ({m['growth']:+.1%})")
+        lines.append(f"memory ({m['precision']}): {m['pairs_small']} -> {m['pairs_large']} pairs: total PSS sampled "
+                     f"{m['peak_mib_small']} -> {m['peak_mib_large']} MiB ({m['growth']:+.1%}); sum of per-process "
+                     f"peak RSS {m['peak_rss_sum_mib_small']} -> {m['peak_rss_sum_mib_large']} MiB "
+                     f"({m['rss_sum_growth']:+.1%})")
     return "\n".join(lines)
 
 

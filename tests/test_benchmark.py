@@ -32,13 +32,14 @@ def test_benchmark_smoke(tmp_path):
         e2e = run["end_to_end"]
         assert e2e["pairs"] == 32 and e2e["ok"] == 32
         for field in ("wall_s", "startup_s", "steady_pairs_per_s", "whole_run_pairs_per_s", "peak_memory_mib",
-                      "parquet_bytes_per_pair"):
+                      "peak_rss_sum_mib", "parquet_bytes_per_pair"):
             assert e2e[field] > 0, field
         assert run["steady_ratio"] > 0 and run["whole_run_ratio"] > 0
     memory = report["memory_scaling"]
     # 2 actors x batch 4 = 2 shards of 4 pairs keep every actor busy; then 8x as many shards
     assert memory["pairs_small"] == 8 and memory["pairs_large"] == 64 and memory["precision"] == "bf16"
-    assert memory["peak_mib_small"] > 0 and memory["peak_mib_large"] > 0
+    for field in ("peak_mib_small", "peak_mib_large", "peak_rss_sum_mib_small", "peak_rss_sum_mib_large"):
+        assert memory[field] > 0, field
     assert "ceiling/s" in result.stdout  # the printed table
     # the generated shards are realistic: JPEGs of 200-1000 px a side with Chinese captions
     import tarfile
@@ -78,3 +79,23 @@ def test_steady_clock_one_actor():
     clock.add("a", 4.0, 6.0, 8)
     clock.add("a", 7.0, 9.0, 8)  # the actor waited 1 s for input: that second counts against the rate
     assert clock.window_start() == 4.0 and clock.steady_rate(10.0) == 16 / 6
+
+
+def test_memory_sampler_keeps_peaks_shorter_than_its_interval():
+    import subprocess
+
+    from pipeline.benchmark import MemorySampler
+
+    code = ("import numpy as np, time; a = np.ones(40_000_000); a += 1; del a; print('freed', flush=True); "
+            "time.sleep(60)")
+    memory = MemorySampler(interval_s=600).__enter__()  # one sample now, the next one at __exit__
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "freed"
+    finally:
+        memory.__exit__()  # while the child still lives, its RSS back to ~30 MB
+        child.kill()
+        child.wait()
+    # 320 MB were resident for a moment, between the samples: the high-water mark kept them
+    assert memory.peak_rss[child.pid] >= 300e6
+    assert memory.peak_rss_sum_bytes >= memory.peak_rss[child.pid]
