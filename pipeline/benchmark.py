@@ -185,12 +185,13 @@ def peak_rss_bytes(pid: int) -> int:
     return 0
 
 
-def end_to_end(cfg: JobCfg, shards: list[Path], out: Path) -> dict:
+def end_to_end(cfg: JobCfg, shards: list[Path], out: Path, memory_interval_s: float = 2.0) -> dict:
     from pipeline.run import run_embed_job
 
     input_url = "{" + ",".join(str(p) for p in shards) + "}" if len(shards) > 1 else str(shards[0])
     job = dataclasses.replace(cfg, input=input_url, output=str(out), overwrite=True)
-    with MemorySampler() as memory:
+    wait_for_actors_to_exit()
+    with MemorySampler(memory_interval_s) as memory:
         summary = run_embed_job(job)
     parquet_bytes = sum(p.stat().st_size for p in (out / "embeddings").glob("*.parquet"))
     return {"pairs": summary["samples"], "ok": summary["ok"], "wall_s": summary["wall_s"],
@@ -198,6 +199,23 @@ def end_to_end(cfg: JobCfg, shards: list[Path], out: Path) -> dict:
             "whole_run_pairs_per_s": summary["pairs_per_s"], "peak_memory_mib": round(memory.peak_bytes / 2**20, 1),
             "peak_rss_sum_mib": round(memory.peak_rss_sum_bytes / 2**20, 1),
             "parquet_bytes_per_pair": round(parquet_bytes / max(summary["samples"], 1), 1)}
+
+
+def wait_for_actors_to_exit(timeout_s: float = 60.0) -> None:
+    """Killed actors (a finished run's encoder pool, the ceiling probes) exit asynchronously: wait for them,
+    so that their memory is not counted in the next run."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        lingering = []
+        for proc in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if " ".join(proc.cmdline()).startswith(("ray::MapWorker", "ray::CeilingProbe")):
+                    lingering.append(proc.pid)
+        if not lingering:
+            return
+        time.sleep(0.5)
+    log.warning("actor processes %s still alive after %.0f s: the next memory figure includes them",
+                lingering, timeout_s)
 
 
 def measure_ceiling(cfg: JobCfg, random_weights: bool, input_ids: np.ndarray, seconds: float) -> dict:
@@ -269,7 +287,8 @@ def memory_scaling(cfg: JobCfg, cache: Path, per_shard: int) -> dict:
     peaks = {}
     for n in (small_shards, 8 * small_shards):
         with tempfile.TemporaryDirectory() as tmp:
-            peaks[n] = end_to_end(cfg, shards[:n], Path(tmp) / "out")
+            # sampled 4x as often as in the timed runs: a short run has few peaks to catch
+            peaks[n] = end_to_end(cfg, shards[:n], Path(tmp) / "out", memory_interval_s=0.5)
     small, large = peaks[small_shards], peaks[8 * small_shards]
     return {"precision": cfg.model.precision, "pairs_small": small["pairs"], "pairs_large": large["pairs"],
             "peak_mib_small": small["peak_memory_mib"], "peak_mib_large": large["peak_memory_mib"],

@@ -65,6 +65,9 @@ class EncoderCfg:
     batch_size: int = 64
     # torch intra-op threads inside each actor (Ray sets OMP_NUM_THREADS to num_cpus otherwise)
     torch_threads: int = 1
+    # > 0: feed no batch until every actor has loaded its weights, and fail if the pool is not up within
+    # this many seconds; 0: feed the first actor ready (a short job may then never use the others)
+    wait_for_actors_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -214,13 +217,14 @@ def validate(cfg: JobCfg) -> None:
         "read.batch_size": cfg.read.batch_size, "read.attempts": cfg.read.attempts,
         "read.max_image_pixels": cfg.read.max_image_pixels, "read.image_size": cfg.read.image_size,
         "encoder.actors": cfg.encoder.actors, "encoder.batch_size": cfg.encoder.batch_size,
-        "encoder.torch_threads": cfg.encoder.torch_threads, "storage.max_attempts": cfg.storage.max_attempts, "ray.progress_interval_s": cfg.ray.progress_interval_s,
+        "encoder.torch_threads": cfg.encoder.torch_threads, "storage.max_attempts": cfg.storage.max_attempts,
+        "ray.progress_interval_s": cfg.ray.progress_interval_s,
     }
     validate_positive(positive)
     non_negative = {
         "read.num_cpus": cfg.read.num_cpus, "read.retry_backoff_s": cfg.read.retry_backoff_s,
         "encoder.num_gpus": cfg.encoder.num_gpus, "encoder.num_cpus": cfg.encoder.num_cpus,
-        "write.num_cpus": cfg.write.num_cpus,
+        "write.num_cpus": cfg.write.num_cpus, "encoder.wait_for_actors_s": cfg.encoder.wait_for_actors_s,
     }
     for name, value in non_negative.items():
         if value < 0:

@@ -46,6 +46,7 @@ def ray_resources(cfg: JobCfg) -> dict:
 def build_dataset(cfg: JobCfg, shards: list[Shard], run_id: str, random_weights: bool,
                   tokenizer: tuple[str, str | None]) -> ray.data.Dataset:
     resources = ray_resources(cfg)
+    ray.data.DataContext.get_current().wait_for_min_actors_s = cfg.encoder.wait_for_actors_s
     # one shard per block, so shards are read in parallel and a failed read retries one shard
     ds = ray.data.from_items([{"shard": s.url} for s in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(read_and_preprocess, batch_format="pyarrow", batch_size=None,

@@ -24,12 +24,8 @@ def cluster():
     workers = [cluster.add_node(num_cpus=4, num_gpus=1) for _ in range(2)]
     ray.init(address=cluster.address)
     cluster.wait_for_nodes()
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    # start feeding only once the whole pool is up, so every actor takes part even in a short job
-    saved, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, 120
+    DataContext.get_current().enable_progress_bars = False
     yield cluster, workers
-    ctx.wait_for_min_actors_s = saved
     ray.shutdown()
     cluster.shutdown()
 
@@ -38,6 +34,8 @@ def gpu_config(tiny_models, shard_folder, out, *overrides):
     # logical GPUs: the actors reserve one each, and run the towers on CPU
     return job_config(tiny_models, f"{shard_folder}/{{00000..{N_SHARDS - 1:05d}}}.tar", str(out),
                       "encoder.actors=2", "encoder.num_gpus=1", "encoder.device=cpu", "encoder.num_cpus=0.5",
+                      # start feeding only once the whole pool is up, so every actor takes part in a short job
+                      "encoder.wait_for_actors_s=120",
                       "read.num_cpus=0.25",
                       *overrides)
 
