@@ -9,7 +9,7 @@ import pytest
 from conftest import job_config, make_shards
 from pipeline.run import run_embed_job
 from pipeline.storage import StorageError
-from s3_server import SECRET, all_objects, moto_server, new_bucket, upload_folder
+from s3_server import SECRET, FlakyProxy, all_objects, moto_server, new_bucket, upload_folder
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +79,25 @@ def test_persistent_errors_fail_early_naming_the_url(ray_with_s3, tiny_models, t
     with pytest.raises(StorageError, match=r"output: s3://no-such-bucket-y/emb"):
         run_embed_job(job_config(tiny_models, f"s3://{bucket}/in/00000.tar", "s3://no-such-bucket-y/emb",
                                  f"storage.endpoint_url={endpoint}"))
+
+
+def test_slowdown_503s_are_retried(ray_with_s3, tiny_models, tmp_path):
+    """S3 answers 503 SlowDown under load: the storage clients' retries absorb them (botocore's standard
+    mode with storage.max_attempts, and s3fs's own, which alone already suffice for this rate), with the
+    reader's shard-level retries switched off (read.attempts=1); nothing is lost or written twice."""
+    endpoint = ray_with_s3
+    bucket = new_bucket(endpoint)
+    make_shards(tmp_path, 3, 5)
+    upload_folder(endpoint, bucket, tmp_path, "wukong")
+    with FlakyProxy(endpoint, every=3) as proxy:
+        cfg = job_config(tiny_models, f"s3://{bucket}/wukong/{{00000..00002}}.tar", f"s3://{bucket}/emb",
+                         f"storage.endpoint_url={proxy.endpoint}", "storage.max_attempts=5", "read.attempts=1")
+        summary = run_embed_job(cfg)
+    # a third of the job's requests (listing, reads, part writes, commits) failed
+    assert proxy.requests >= 15 and proxy.injected == proxy.requests // 3
+    assert summary["shards_committed"] == 3 and summary["shards_failed"] == 0, summary["failed_shards"]
+    assert summary["samples"] == 15 and summary["ok"] == 15
+    objects = all_objects(endpoint, bucket)
+    for i in range(3):
+        table = pq.read_table(io.BytesIO(objects[f"emb/embeddings/0000{i}.parquet"]))
+        assert table.column("key").to_pylist() == [f"0000{i}{j:04d}" for j in range(5)]
