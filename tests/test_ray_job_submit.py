@@ -1,4 +1,5 @@
-"""The flow users run: `ray start --head`, `ray job submit` of the embed job, S3 in and out, no leaked secrets."""
+"""The flow users run: `ray start --head`, `ray job submit` of the embed job then the filter job, S3 in and out,
+no leaked secrets."""
 
 import json
 import os
@@ -62,7 +63,24 @@ def test_ray_job_submit_s3_to_s3(ray_head, tiny_models, tmp_path):
     assert '"shards_committed": 3' in printed and '"samples": 12' in printed
     assert '"endpoint_url": "http://127.0.0.1' in printed  # the resolved config was printed ...
 
+    # the curation step of a scheduled run, submitted the same way: S3 embeddings in, S3 keep-lists out
+    filtered = subprocess.run(
+        ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+         "python", "jobs/filter_pairs.py", "--config", "configs/filter.yaml",
+         *[arg for o in (f"embeddings=s3://{bucket}/emb/", f"output=s3://{bucket}/filtered/",
+                         f"storage.endpoint_url={endpoint}", "keep_top_fraction=0.5", "write_shards=true",
+                         "report=false", "ray_num_cpus=null") for arg in ("--set", o)]],
+        capture_output=True, text=True, timeout=600, env=env)
+    printed += filtered.stdout + filtered.stderr
+    assert filtered.returncode == 0, (filtered.stdout + filtered.stderr)[-5000:]
+    assert '"ok": 12' in printed and '"kept": 6' in printed
+
     objects = all_objects(endpoint, bucket)
+    assert json.loads(objects["filtered/summary.json"])["kept"] == 6
+    kept = [pq.read_table(pa.BufferReader(objects[f"filtered/keep/0000{i}.parquet"])) for i in range(3)]
+    assert sum(t.num_rows for t in kept) == 6
+    assert sorted(k for k in objects if k.startswith("filtered/shards/")) == [
+        f"filtered/shards/0000{i}.tar" for i in range(3)]
     tables = [pq.read_table(pa.BufferReader(objects[f"emb/embeddings/0000{i}.parquet"])) for i in range(3)]
     keys = sorted(k for t in tables for k in t.column("key").to_pylist())
     assert keys == sorted(f"{s:05d}{i:04d}" for s in range(3) for i in range(4))
