@@ -24,6 +24,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CAPTION_EXTENSION = "txt"
 JSON_EXTENSION = "json"
 LABEL_EXTENSION = "cls"  # class index of zero-shot evaluation sets (ImageNet WebDataset convention)
+# the members a sample keeps; any other (.pkl, .pth, .npy ...) is never read, let alone unpickled
+KEPT_EXTENSIONS = (*IMAGE_EXTENSIONS, CAPTION_EXTENSION, JSON_EXTENSION, LABEL_EXTENSION)
 MARKER_POSITION = -1
 
 RAW_SCHEMA = pa.schema([
@@ -63,18 +65,21 @@ def split_member_name(name: str) -> tuple[str | None, str | None]:
 
 
 def positioned_members(tar: tarfile.TarFile) -> Iterator[tuple[int, str, str, tarfile.TarInfo]]:
-    """(sample position, key, extension, member) for the regular members of a streamed tar, counting
-    samples exactly as iter_tar_samples does: later stages find a sample's members by its position."""
+    """(sample position, key, extension, member) for the regular members of a streamed tar: consecutive
+    members with one key form a sample, and a repeated kept extension starts the next. The one grouping
+    rule of the embed job (iter_tar_samples), the report and the filtered shards: they find samples by
+    position."""
     position, current, seen = -1, None, set()
     for member in tar:
         if not member.isfile():
-            continue
+            continue  # directories, links, devices: never followed, never extracted
         key, ext = split_member_name(member.name)
         if key is None:
             continue
         if key != current or ext in seen:
             position, current, seen = position + 1, key, set()
-        seen.add(ext)
+        if ext in KEPT_EXTENSIONS:
+            seen.add(ext)
         yield position, key, ext, member
 
 
@@ -86,36 +91,31 @@ def iter_tar_samples(fileobj) -> Iterator[RawSample]:
     """
     current: RawSample | None = None
     seen_keys: set[str] = set()
-    position = 0
+    completed = 0
     try:
         tar = tarfile.open(fileobj=fileobj, mode="r|")
     except tarfile.ReadError as exc:
         raise ShardFormatError(f"not a tar file ({exc})") from None
     try:
-        for member in tar:
-            if not member.isfile():
-                continue  # directories, links, devices: never followed, never extracted
-            key, ext = split_member_name(member.name)
-            if key is None:
-                continue
-            if current is not None and (key != current.key or ext in current.members):
+        for position, key, ext, member in positioned_members(tar):
+            if current is not None and position != current.position:
                 yield current
-                position += 1
+                completed += 1
                 current = None
             if current is None:
                 current = RawSample(key=key, position=position)
                 if key in seen_keys:
                     current.error = "duplicate_key: this key already appeared earlier in the shard"
                 seen_keys.add(key)
-            if ext in IMAGE_EXTENSIONS or ext in (CAPTION_EXTENSION, JSON_EXTENSION, LABEL_EXTENSION):
+            if ext in KEPT_EXTENSIONS:
                 current.members[ext] = tar.extractfile(member).read()
             else:
-                current.ignored.append(ext)  # .pkl, .pth, .npy ... are never read, let alone unpickled
+                current.ignored.append(ext)
     except (tarfile.ReadError, EOFError) as exc:
         if current is not None:
             current.error = f"shard_truncated: the shard ends inside this sample ({exc})"
             yield current
-        raise ShardFormatError(f"truncated tar after {position + (current is not None)} samples ({exc})") from None
+        raise ShardFormatError(f"truncated tar after {completed + (current is not None)} samples ({exc})") from None
     if current is not None:
         yield current
 

@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from conftest import job_config, sample_members
 from pipeline.demo import write_tar_shard
-from pipeline.read import MARKER_POSITION, read_shards, split_member_name
+from pipeline.read import MARKER_POSITION, iter_tar_samples, positioned_members, read_shards, split_member_name
 
 
 def read_all(tiny_models, tmp_path, path) -> tuple[list[dict], dict]:
@@ -41,6 +41,21 @@ def test_grouping_missing_members_and_duplicates(tiny_models, tmp_path):
     assert "ignored members: pkl" in samples[3]["warning"]
     assert samples[5]["error"].startswith("duplicate_key")
     assert samples[0]["error"] is None
+
+
+def test_report_and_filter_count_samples_as_the_embed_job_does(tmp_path):
+    """The report and the filtered shards find samples by position: their count must be the embed job's,
+    including a repeated ignored member (one sample) and a repeated kept one (two samples)."""
+    members = (sample_members("a", "一", 1) + [("a.npy", b"1"), ("a.npy", b"2")]
+               + sample_members("b", "二", 2) + sample_members("b", "again", 3) + sample_members("c", "三", 4))
+    path = tmp_path / "s.tar"
+    write_tar_shard(path, members)
+    with open(path, "rb") as f:
+        embedded = [(s.position, s.key) for s in iter_tar_samples(f)]
+    assert embedded == [(0, "a"), (1, "b"), (2, "b"), (3, "c")]
+    with tarfile.open(path, mode="r|") as tar:
+        positioned = sorted({(position, key) for position, key, _, _ in positioned_members(tar)})
+    assert positioned == embedded
 
 
 def test_truncated_tar_keeps_the_samples_before_the_cut(tiny_models, tmp_path):
