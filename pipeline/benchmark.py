@@ -258,8 +258,11 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
     if not ray.is_initialized():
         init_ray(None, cfg.ray.num_cpus)
     report["ray_start_s"] = round(time.perf_counter() - started, 3)
+    def with_precision(precision: str) -> JobCfg:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, precision=precision))
+
     for precision in precisions:
-        run_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, precision=precision))
+        run_cfg = with_precision(precision)
         # the ceiling is measured right before and right after the end-to-end run, and the higher one is
         # used: on a shared machine the CPU's speed drifts, and the ratio must not flatter the pipeline
         before = measure_ceiling(run_cfg, random_weights, input_ids, ceiling_seconds)
@@ -273,8 +276,8 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
             run["steady_ratio"] = round(e2e["steady_pairs_per_s"] / ceiling["pairs_per_s"], 3)
         run["whole_run_ratio"] = round(e2e["pairs"] / e2e["wall_s"] / ceiling["pairs_per_s"], 3)
         report["runs"][precision] = run
-    if memory_check:
-        report["memory_scaling"] = memory_scaling(run_cfg, cache, per_shard)
+    if memory_check:  # once, with the last precision: memory does not depend on it
+        report["memory_scaling"] = memory_scaling(with_precision(precisions[-1]), cache, per_shard)
     return report
 
 
@@ -286,11 +289,12 @@ def memory_scaling(cfg: JobCfg, cache: Path, per_shard: int) -> dict:
     """
     small_shards = max(1, -(-cfg.encoder.actors * cfg.encoder.batch_size // per_shard))
     shards = make_benchmark_shards(cache / f"shards-{per_shard}", 8 * small_shards, per_shard)
-    peaks = {}
-    for n in (small_shards, 8 * small_shards):
+
+    def run(n: int) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
-            peaks[n] = end_to_end(cfg, shards[:n], Path(tmp) / "out", memory_interval_s=0.5)
-    small, large = peaks[small_shards], peaks[8 * small_shards]
+            return end_to_end(cfg, shards[:n], Path(tmp) / "out", memory_interval_s=0.5)
+
+    small, large = run(small_shards), run(8 * small_shards)
     return {"precision": cfg.model.precision, "pairs_small": small["pairs"], "pairs_large": large["pairs"],
             "peak_mib_small": small["peak_memory_mib"], "peak_mib_large": large["peak_memory_mib"],
             "growth": round(large["peak_memory_mib"] / small["peak_memory_mib"] - 1, 3),
