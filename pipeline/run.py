@@ -83,9 +83,9 @@ class SteadyClock:
     """The steady-state rate: samples per second while every encoder actor is warm.
 
     The window opens when the last actor to start has finished its first batch (Ray Data start, actor start,
-    weight load and first batch are before it: start-up) and closes at the last part written. A batch that
-    straddles the opening counts for the share of its run time inside the window, so work done before the
-    window never flatters the rate.
+    weight load and first batch are before it: start-up; see window_start for an actor with one batch) and
+    closes at the last part written. A batch that straddles the opening counts for the share of its run time
+    inside the window, so work done before the window never flatters the rate.
     """
 
     def __init__(self):
@@ -96,10 +96,13 @@ class SteadyClock:
         batch[0], batch[1] = max(batch[0], finished), batch[1] + samples
 
     def window_start(self) -> float | None:
-        first_done: dict[str, float] = {}
+        """When the last actor has finished its first batch, counting only actors that ran more than one:
+        an actor fed a single batch at the very end would otherwise leave no window at all (its batch
+        still counts, for the share of it inside the window)."""
+        finishes: dict[str, list[float]] = collections.defaultdict(list)
         for (encoder, _), (finished, _) in self.batches.items():
-            first_done[encoder] = min(finished, first_done.get(encoder, finished))
-        return max(first_done.values(), default=None)
+            finishes[encoder].append(finished)
+        return max((min(times) for times in finishes.values() if len(times) > 1), default=None)
 
     def steady_rate(self, end: float) -> float | None:
         opens = self.window_start()

@@ -70,12 +70,24 @@ def test_steady_clock_opens_when_every_actor_is_warm():
     assert clock.steady_rate(15.0) is None  # no window yet
 
 
+def test_steady_clock_an_actor_fed_only_the_last_batch():
+    from pipeline.run import SteadyClock
+
+    clock = SteadyClock()
+    for i in range(4):
+        clock.add("a", float(i), i + 1.0, 4)
+    clock.add("b", 3.5, 4.5, 4)  # b joined late and ran one batch: the window still opens at a's first
+    assert clock.window_start() == 1.0
+    assert clock.steady_rate(5.0) == (3 * 4 + 4) / 4
+
+
 def test_steady_clock_one_actor():
     from pipeline.run import SteadyClock
 
     clock = SteadyClock()
     assert clock.window_start() is None and clock.steady_rate(10.0) is None
     clock.add("a", 0.0, 4.0, 8)
+    assert clock.window_start() is None  # one batch: all of it start-up
     clock.add("a", 4.0, 6.0, 8)
     clock.add("a", 7.0, 9.0, 8)  # the actor waited 1 s for input: that second counts against the rate
     assert clock.window_start() == 4.0 and clock.steady_rate(10.0) == 16 / 6
