@@ -12,6 +12,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DECODE_PLACEMENTS = ("tasks", "encoder")
 EMBEDDING_DTYPES = ("float16", "float32")
 
 
@@ -49,12 +50,20 @@ class ReadCfg:
     max_image_pixels: int = 89_478_485
     # side of the square image fed to the image tower (OpenAI CLIP protocol: 224)
     image_size: int = 224
+    # where images are decoded and resized: tasks = the CPU read tasks, exactly as the reference protocol;
+    # encoder = the read tasks ship JPEG bytes and the encoder actor decodes them on its own device
+    # (nvJPEG + bicubic/antialias resize on a GPU; within ~3e-4 of the exact path, see README "Decode placement")
+    decode_on: str = "tasks"
+    # node labels the read tasks are scheduled on (Ray label_selector), e.g. {node-kind: cpu} keeps the
+    # decode work on CPU-only nodes; {} = any node with free CPUs
+    node_labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class EncoderCfg:
-    # number of encoder actors (one per GPU on a GPU cluster)
-    actors: int = 1
+    # encoder actors: a number (a fixed pool, one per GPU on a GPU cluster) or a range "min..max": an
+    # autoscaling pool that grows while batches queue up (and the cluster autoscaler adds GPU nodes for it)
+    actors: int | str = 1
     # GPUs reserved per actor; 0 runs the towers on CPU
     num_gpus: float = 0.0
     # auto: CUDA when num_gpus > 0, else CPU; cpu with num_gpus > 0 only for scheduling tests on logical GPUs
@@ -68,6 +77,11 @@ class EncoderCfg:
     # > 0: feed no batch until every actor has loaded its weights, and fail if the pool is not up within
     # this many seconds; 0: feed the first actor ready (a short job may then never use the others)
     wait_for_actors_s: float = 0.0
+    # batches one actor works on at once (threads in the actor): 2 on a GPU lets the next batch be unpacked,
+    # copied and decoded while the current one runs on the device; 1 on CPU, where threads would compete
+    batches_in_flight: int = 1
+    # node labels the encoder actors are scheduled on (Ray label_selector), e.g. {node-kind: gpu}; {} = any
+    node_labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -179,7 +193,17 @@ def _build(cls, raw: dict[str, Any], prefix: str):
 def _coerce(hint, value, where: str):
     if dataclasses.is_dataclass(hint):
         return _build(hint, value if value is not None else {}, where + ".")
-    optional = get_origin(hint) in (Union, types.UnionType) and type(None) in get_args(hint)
+    if get_origin(hint) is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, (str, int, float))
+                                           and not isinstance(v, bool) for k, v in value.items()):
+            return {k: str(v) for k, v in value.items()}
+        raise ValueError(f"{where}: expected a mapping of label names to values, got {value!r}")
+    union = get_origin(hint) in (Union, types.UnionType)
+    if union and set(get_args(hint)) == {int, str}:  # a count or a "min..max" range: validated later
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected a number or a range min..max, got {value!r}")
+    optional = union and type(None) in get_args(hint)
     if value is None:
         if optional:
             return None
@@ -216,11 +240,14 @@ def validate(cfg: JobCfg) -> None:
     positive = {
         "read.batch_size": cfg.read.batch_size, "read.attempts": cfg.read.attempts,
         "read.max_image_pixels": cfg.read.max_image_pixels, "read.image_size": cfg.read.image_size,
-        "encoder.actors": cfg.encoder.actors, "encoder.batch_size": cfg.encoder.batch_size,
+        "encoder.batch_size": cfg.encoder.batch_size, "encoder.batches_in_flight": cfg.encoder.batches_in_flight,
         "encoder.torch_threads": cfg.encoder.torch_threads, "storage.max_attempts": cfg.storage.max_attempts,
         "ray.progress_interval_s": cfg.ray.progress_interval_s,
     }
     validate_positive(positive)
+    max_actors = actor_range(cfg.encoder.actors)[1]
+    if cfg.read.decode_on not in DECODE_PLACEMENTS:
+        raise ValueError(f"read.decode_on: expected one of {', '.join(DECODE_PLACEMENTS)}, got {cfg.read.decode_on!r}")
     non_negative = {
         "read.num_cpus": cfg.read.num_cpus, "read.retry_backoff_s": cfg.read.retry_backoff_s,
         "encoder.num_gpus": cfg.encoder.num_gpus, "encoder.num_cpus": cfg.encoder.num_cpus,
@@ -239,10 +266,26 @@ def validate(cfg: JobCfg) -> None:
         raise ValueError(f"ray.num_cpus: must be >= 1, got {cfg.ray.num_cpus}")
     if cfg.ray.num_cpus is not None and cfg.ray.address is None:
         # an actor pool that reserves every CPU starves the read tasks: Ray then waits forever, silently
-        needed = cfg.encoder.actors * cfg.encoder.num_cpus
+        needed = max_actors * cfg.encoder.num_cpus
         if needed >= cfg.ray.num_cpus:
             raise ValueError(f"encoder.actors x encoder.num_cpus = {needed:g} reserves all {cfg.ray.num_cpus} CPUs "
                              "of the local Ray (ray.num_cpus); leave room for the read tasks")
+
+
+def actor_range(actors: int | str) -> tuple[int, int]:
+    """(min, max) encoder actors: 8 -> (8, 8); "1..8" -> (1, 8). Raises ValueError naming the field."""
+    if isinstance(actors, int):
+        low = high = actors
+    else:
+        low_text, sep, high_text = actors.partition("..")
+        try:
+            low, high = (int(low_text), int(high_text)) if sep else (int(actors),) * 2
+        except ValueError:
+            raise ValueError(f"encoder.actors: expected a number or a range min..max (e.g. 1..8), "
+                             f"got {actors!r}") from None
+    if low < 1 or high < low:
+        raise ValueError(f"encoder.actors: need 1 <= min <= max, got {actors!r}")
+    return low, high
 
 
 def validate_positive(values: dict[str, float]) -> None:

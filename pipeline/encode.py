@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -116,8 +117,15 @@ class Encoder:
         self.std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
         self.pixel_bytes = cfg.read.image_size ** 2 * 3
         self.image_size = cfg.read.image_size
+        self.decoder = None
+        if cfg.read.decode_on == "encoder":
+            from pipeline.device_decode import DeviceDecoder
+
+            self.decoder = DeviceDecoder(self.device, cfg.read.image_size, cfg.read.max_image_pixels)
+        self._thread = threading.local()  # each batch in flight (encoder.batches_in_flight) has its own stream
         self.name = uuid.uuid4().hex[:12]  # tells this actor's batches apart in the driver's steady-state rate
-        log.info("encoder on %s, precision %s, %d torch threads", self.device, precision, torch.get_num_threads())
+        log.info("encoder on %s, precision %s, %d torch threads, images decoded %s", self.device, precision,
+                 torch.get_num_threads(), f"here ({self.decoder.backend})" if self.decoder else "by the read tasks")
 
     def _autocast(self):
         import torch
@@ -125,13 +133,35 @@ class Encoder:
         return (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                 else contextlib.nullcontext())
 
-    def embed_images(self, pixels: np.ndarray):
-        """L2-normalised float32 image features (a torch tensor on the device) for uint8 NHWC pixels."""
+    def _stream(self):
+        """This thread's CUDA stream: a batch's copies, decode and forward passes queue behind each other, not
+        behind another batch's. No-op on CPU."""
         import torch
 
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        if not hasattr(self._thread, "stream"):
+            self._thread.stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(self._thread.stream)
+
+    def to_device(self, array: np.ndarray):
+        """A host array on the device; on CUDA through pinned memory, so the copy does not hold up the host."""
+        import torch
+
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
+    def embed_images(self, images):
+        """L2-normalised float32 image features (a torch tensor on the device) for uint8 NHWC pixels (numpy)
+        or uint8 N x 3 x H x W images already on the device."""
+        import torch
+
+        if isinstance(images, np.ndarray):
+            images = self.to_device(images).permute(0, 3, 1, 2)
         with torch.inference_mode(), self._autocast():
-            images = torch.from_numpy(pixels).to(self.device, non_blocking=True)
-            images = (images.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+            images = (images.float() / 255.0 - self.mean) / self.std
             features = self.image_model(pixel_values=images).image_embeds
         return torch.nn.functional.normalize(features.float(), dim=-1)
 
@@ -140,17 +170,23 @@ class Encoder:
         import torch
 
         with torch.inference_mode(), self._autocast():
-            ids = torch.from_numpy(input_ids.astype(np.int64)).to(self.device, non_blocking=True)
+            ids = self.to_device(input_ids.astype(np.int64))
             features = self.text_model(input_ids=ids).logits
         return torch.nn.functional.normalize(features.float(), dim=-1)
 
-    def embed(self, pixels: np.ndarray, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """float32 (image embeddings, text embeddings, similarity) for uint8 NHWC pixels and int token ids."""
-        image_features, text_features = self.embed_images(pixels), self.embed_texts(input_ids)
+    def embed(self, images, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """float32 (image embeddings, text embeddings, similarity) for images (see embed_images) and token ids."""
+        image_features, text_features = self.embed_images(images), self.embed_texts(input_ids)
         similarity = (image_features * text_features).sum(dim=-1)  # cosine, in float32
         return image_features.cpu().numpy(), text_features.cpu().numpy(), similarity.cpu().numpy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        with self._stream():
+            return self.embed_batch(batch)
+
+    def embed_batch(self, batch: pa.Table) -> pa.Table:
+        import torch
+
         started = time.time()
         n = batch.num_rows
         errors = batch.column("error").to_pylist()
@@ -160,14 +196,23 @@ class Encoder:
         text_emb = np.zeros((n, EMBEDDING_DIM), np.float32)
         similarity = np.zeros(n, np.float32)
         if len(todo):
-            pixels_col = batch.column("pixels").combine_chunks()
-            raw = np.frombuffer(pixels_col.buffers()[1], np.uint8, count=(pixels_col.offset + n) * self.pixel_bytes)
-            pixels = raw[pixels_col.offset * self.pixel_bytes:].reshape(n, self.image_size, self.image_size, 3)
             ids_col = batch.column("input_ids").combine_chunks()
             input_ids = ids_col.flatten().to_numpy().reshape(n, -1)
-            image_emb[todo], text_emb[todo], similarity[todo] = self.embed(pixels[todo], input_ids[todo])
+            if self.decoder is not None:
+                images, decode_errors = self.decoder(batch.column("image").take(pa.array(todo)).to_pylist())
+                for i, error in zip(todo, decode_errors):
+                    errors[i] = error
+                decoded = np.flatnonzero([e is None for e in decode_errors])
+                if len(decoded) < len(todo):
+                    images, todo = images[torch.as_tensor(decoded, device=images.device)], todo[decoded]
+            else:
+                images = self.pixels(batch)[todo]
+            if len(todo):
+                image_emb[todo], text_emb[todo], similarity[todo] = self.embed(images, input_ids[todo])
         ok = np.zeros(n, bool)
         ok[todo] = True
+        if self.decoder is not None:
+            batch = batch.set_column(batch.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
         table = embedded_table(batch, ok, image_emb.astype(self.embedding_dtype), text_emb.astype(self.embedding_dtype),
                                similarity)
         # which actor ran this batch, and when: the driver's steady-state rate is built from these
@@ -176,9 +221,17 @@ class Encoder:
                 .append_column("encoded_at", pa.array(np.full(n, time.time()), pa.float64())))
 
 
+    def pixels(self, batch: pa.Table) -> np.ndarray:
+        """The batch's decoded pixels (decode_on=tasks) as an N x H x W x 3 uint8 view, without a copy."""
+        n = batch.num_rows
+        pixels_col = batch.column("pixels").combine_chunks()
+        raw = np.frombuffer(pixels_col.buffers()[1], np.uint8, count=(pixels_col.offset + n) * self.pixel_bytes)
+        return raw[pixels_col.offset * self.pixel_bytes:].reshape(n, self.image_size, self.image_size, 3)
+
+
 def embedded_table(batch: pa.Table, ok: np.ndarray, image_emb: np.ndarray, text_emb: np.ndarray,
                    similarity: np.ndarray) -> pa.Table:
-    """The batch with pixels and token ids replaced by status, embeddings (null unless ok) and similarity."""
+    """The batch with images and token ids replaced by status, embeddings (null unless ok) and similarity."""
     value_type = pa.from_numpy_dtype(image_emb.dtype)
     invalid = pa.array(~ok)
 
@@ -189,7 +242,8 @@ def embedded_table(batch: pa.Table, ok: np.ndarray, image_emb: np.ndarray, text_
     positions = batch.column("position").to_numpy()
     status = np.where(ok, STATUS_OK, STATUS_ERROR).astype(object)
     status[positions < 0] = None  # marker rows are not samples
-    return batch.drop_columns(["pixels", "input_ids"]).append_column(
+    inputs = [name for name in ("pixels", "image", "input_ids") if name in batch.column_names]
+    return batch.drop_columns(inputs).append_column(
         "status", pa.array(status, pa.string())).append_column(
         "image_embedding", vectors(image_emb)).append_column(
         "text_embedding", vectors(text_emb)).append_column(

@@ -26,7 +26,11 @@ MAX_EXACT_ASPECT = 20
 Image.MAX_IMAGE_PIXELS = None
 
 
-def prepared_schema(image_size: int) -> pa.Schema:
+def prepared_schema(image_size: int, decode_on: str = "tasks") -> pa.Schema:
+    """Rows from the read tasks to the encoder: decoded pixels (decode_on=tasks) or the image's own bytes
+    (decode_on=encoder, decoded on the encoder's device)."""
+    image = (("pixels", pa.binary(image_size * image_size * 3)) if decode_on == "tasks"  # HxWx3 uint8
+             else ("image", pa.binary()))
     return pa.schema([
         ("key", pa.string()),
         ("shard", pa.string()),
@@ -35,7 +39,7 @@ def prepared_schema(image_size: int) -> pa.Schema:
         ("url", pa.string()),
         ("error", pa.string()),
         ("warning", pa.string()),
-        ("pixels", pa.binary(image_size * image_size * 3)),      # HxWx3 uint8, normalised on the device
+        image,
         ("input_ids", pa.list_(pa.int32(), MAX_TEXT_TOKENS)),
         ("shard_samples", pa.int64()),
         ("shard_error", pa.string()),
@@ -86,15 +90,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
-    width, height = image.size
+def resize_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """(resized width, resized height, crop top, crop left): shortest edge to `size`, center crop."""
     # transformers' get_resize_output_image_size(default_to_square=False)
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = size, int(size * long / short)
     new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
     # transformers' center_crop (no padding needed: both sides are >= size)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    if new_long <= MAX_EXACT_ASPECT * size:
+    return new_w, new_h, (new_h - size) // 2, (new_w - size) // 2
+
+
+def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
+    width, height = image.size
+    new_w, new_h, top, left = resize_geometry(width, height, size)
+    if max(new_w, new_h) <= MAX_EXACT_ASPECT * size:
         resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
         return np.asarray(resized, dtype=np.uint8)[top : top + size, left : left + size]
     # a 10000x1 banner would be resized to 2,240,000x224 first: resize only the source box that lands in
@@ -159,11 +168,13 @@ def tokenize(tokenizer, captions: list[str]) -> np.ndarray:
 
 
 def preprocess(batch: pa.Table, cfg: JobCfg, tokenizer: tuple[str, str | None]) -> pa.Table:
-    """Ray Data stage: raw sample rows in, pixels + token ids out. Marker rows pass through."""
+    """Ray Data stage: raw sample rows in, pixels (or image bytes, decode_on=encoder) + token ids out.
+    Marker rows pass through."""
     size = cfg.read.image_size
-    blank = bytes(size * size * 3)
+    on_tasks = cfg.read.decode_on == "tasks"
+    blank = bytes(size * size * 3) if on_tasks else None
     rows = batch.to_pylist()
-    captions, pixels, urls, warnings_, errors = [], [], [], [], []
+    captions, images, urls, warnings_, errors = [], [], [], [], []
     for row in rows:
         error, caption, image, url = row["error"], None, blank, None
         notes = [row["warning"]] if row["warning"] else []
@@ -177,13 +188,15 @@ def preprocess(batch: pa.Table, cfg: JobCfg, tokenizer: tuple[str, str | None]) 
                 error = error or str(exc)
             if row["image"] is None:
                 error = error or "missing_image: no image member (.jpg/.jpeg/.png/.webp)"
+            elif error is None and not on_tasks:
+                image = row["image"]  # decoded by the encoder actor, with the same errors (device_decode.py)
             elif error is None:
                 try:
                     image = decode_image(row["image"], size, cfg.read.max_image_pixels).tobytes()
                 except SampleError as exc:
                     error = str(exc)
         captions.append(caption)
-        pixels.append(image)
+        images.append(image)
         urls.append(url)
         errors.append(error)
         warnings_.append("; ".join(notes) or None)
@@ -195,7 +208,8 @@ def preprocess(batch: pa.Table, cfg: JobCfg, tokenizer: tuple[str, str | None]) 
         if text and input_ids[i, -1] != tokenizer.pad_token_id and len(tokenizer.tokenize(text)) > MAX_TEXT_TOKENS - 2:
             warnings_[i] = "; ".join(filter(None, [warnings_[i], "caption_truncated: longer than 77 tokens"]))
 
-    schema = prepared_schema(size)
+    schema = prepared_schema(size, cfg.read.decode_on)
+    image_field = schema.field("pixels" if on_tasks else "image")
     return pa.table({
         "key": batch.column("key"),
         "shard": batch.column("shard"),
@@ -204,7 +218,7 @@ def preprocess(batch: pa.Table, cfg: JobCfg, tokenizer: tuple[str, str | None]) 
         "url": pa.array(urls, pa.string()),
         "error": pa.array(errors, pa.string()),
         "warning": pa.array(warnings_, pa.string()),
-        "pixels": pa.array(pixels, schema.field("pixels").type),
+        image_field.name: pa.array(images, image_field.type),
         "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(input_ids.reshape(-1), pa.int32()), MAX_TEXT_TOKENS),
         "shard_samples": batch.column("shard_samples"),
         "shard_error": batch.column("shard_error"),

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import ray
 
 from pipeline import storage
-from pipeline.config import JobCfg
+from pipeline.config import JobCfg, actor_range
 from ray.data import ActorPoolStrategy
 
 from pipeline.encode import Encoder, weights_reachable
@@ -35,12 +35,19 @@ COMMITTABLE_SHARD_ERRORS = ("shard_truncated",)
 
 def ray_resources(cfg: JobCfg) -> dict:
     """The one place where config becomes Ray resources, for each stage of the flow."""
-    return {
-        "read": dict(num_cpus=cfg.read.num_cpus),
-        "encode": dict(num_cpus=cfg.encoder.num_cpus, num_gpus=cfg.encoder.num_gpus,
-                       compute=ActorPoolStrategy(size=cfg.encoder.actors), batch_size=cfg.encoder.batch_size),
-        "write": dict(num_cpus=cfg.write.num_cpus),
-    }
+    min_actors, max_actors = actor_range(cfg.encoder.actors)
+    in_flight = cfg.encoder.batches_in_flight
+    pool = ActorPoolStrategy(min_size=min_actors, max_size=max_actors,
+                             # batches in flight run in threads of the actor, each on its own CUDA stream
+                             max_concurrent_calls_per_actor=in_flight, enable_true_multi_threading=in_flight > 1)
+    read = dict(num_cpus=cfg.read.num_cpus)
+    encode = dict(num_cpus=cfg.encoder.num_cpus, num_gpus=cfg.encoder.num_gpus, compute=pool,
+                  batch_size=cfg.encoder.batch_size)
+    if cfg.read.node_labels:
+        read["label_selector"] = dict(cfg.read.node_labels)
+    if cfg.encoder.node_labels:
+        encode["label_selector"] = dict(cfg.encoder.node_labels)
+    return {"read": read, "encode": encode, "write": dict(num_cpus=cfg.write.num_cpus)}
 
 
 def build_dataset(cfg: JobCfg, shards: list[Shard], run_id: str, random_weights: bool,
@@ -53,7 +60,7 @@ def build_dataset(cfg: JobCfg, shards: list[Shard], run_id: str, random_weights:
                         fn_kwargs={"cfg": cfg, "tokenizer": tokenizer},
                         # a remote-args fn keeps Ray from fusing this CPU work into the encoder actors,
                         # which it does whenever both ask for the same resources
-                        ray_remote_args_fn=lambda: resources["read"])
+                        ray_remote_args_fn=lambda: resources["read"], **resources["read"])
     ds = ds.map_batches(Encoder, batch_format="pyarrow",
                         fn_constructor_kwargs={"cfg": cfg, "random_weights": random_weights}, **resources["encode"])
     return ds.map_batches(write_parts, batch_format="pyarrow", batch_size=None,

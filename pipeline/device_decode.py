@@ -1,0 +1,131 @@
+"""Decode and resize images on the encoder's own device (read.decode_on=encoder): batched nvJPEG on a GPU.
+
+The read tasks ship each image's bytes. In the encoder actor, the JPEGs that a device decoder sees exactly as
+PIL does (a complete baseline JPEG, RGB or grey, upright, within the pixel cap and the exact aspect range) are
+decoded in one batch on the device, resized shortest edge to 224 with bicubic + antialias in float32, rounded
+to 8 bit and center-cropped: the reference protocol's arithmetic, on the device. Every other image (PNG, WebP,
+GIF, progressive or CMYK JPEG, EXIF-rotated, truncated, garbage) takes the exact CPU path
+(preprocess.decode_image) one by one, so a bad image becomes the same error row, with the same reason, as with
+read.decode_on=tasks.
+
+Decoders: torchvision.io.decode_jpeg on CUDA (batched nvJPEG; torchvision is in most CUDA images and uses
+torch's own CUDA context and caching allocator, where nvImageCodec would be one more CUDA library to match to
+the driver). On CPU, PIL stands in for nvJPEG: the same code, decoder aside, which is how CI runs this path.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+
+import numpy as np
+from PIL import Image
+
+from pipeline.preprocess import MAX_EXACT_ASPECT, SampleError, decode_image, resize_geometry
+
+log = logging.getLogger(__name__)
+
+EXIF_ORIENTATION = 0x0112
+JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
+
+
+def device_decodable(payload: bytes | None, size: int, max_pixels: int) -> bool:
+    """Whether the device path gives this image what the exact path would (up to the resize kernel).
+
+    Only the header is parsed. A JPEG without its end marker is left to PIL, which reports the truncation
+    (a GPU decoder may return the part it could read instead).
+    """
+    if not payload or payload[:2] != JPEG_START or payload[-16:].rstrip(b"\0")[-2:] != JPEG_END:
+        return False
+    try:
+        image = Image.open(io.BytesIO(payload))
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - anything odd goes to the exact path, which names the problem
+        return False
+    width, height = image.size
+    if (image.format != "JPEG" or image.mode not in ("RGB", "L") or orientation != 1
+            or image.info.get("progressive") or image.info.get("progression")
+            or width < 1 or height < 1 or width * height > max_pixels):
+        return False
+    new_w, new_h, _, _ = resize_geometry(width, height, size)
+    return max(new_w, new_h) <= MAX_EXACT_ASPECT * size
+
+
+class DeviceDecoder:
+    """Bytes of a batch's images in; N x 3 x size x size uint8 on the device and an error (or None) per image out."""
+
+    def __init__(self, device, size: int, max_pixels: int):
+        self.device, self.size, self.max_pixels = device, size, max_pixels
+        if device.type == "cuda":
+            try:
+                from torchvision.io import decode_jpeg  # noqa: F401
+            except ImportError as exc:
+                raise RuntimeError("read.decode_on=encoder on a GPU needs torchvision's nvJPEG decoder: "
+                                   "pip install -e '.[gpu]' with your CUDA torch, or set read.decode_on=tasks") from exc
+            self.backend = "nvjpeg"
+        else:
+            self.backend = "pil"  # stands in for nvJPEG where there is no GPU: CI and CPU-only nodes
+        self._lock = threading.Lock()  # one nvJPEG handle per process; batches in other threads use the model
+        self.on_device = self.on_cpu = 0  # images decoded each way, for the benchmark's report
+
+    def __call__(self, payloads: list[bytes]):
+        import torch
+
+        images = torch.zeros((len(payloads), 3, self.size, self.size), dtype=torch.uint8, device=self.device)
+        errors: list[str | None] = [None] * len(payloads)
+        eligible = [i for i, p in enumerate(payloads) if device_decodable(p, self.size, self.max_pixels)]
+        done = set()
+        for i, image in zip(eligible, self.decode_jpegs([payloads[i] for i in eligible])):
+            if image is not None:
+                images[i] = self.resize_center_crop(image)
+                done.add(i)
+        exact = [i for i in range(len(payloads)) if i not in done]
+        for i in exact:
+            try:
+                pixels = decode_image(payloads[i], self.size, self.max_pixels)
+            except SampleError as exc:
+                errors[i] = str(exc)
+                continue
+            images[i] = torch.tensor(pixels).permute(2, 0, 1).to(self.device)
+        self.on_device += len(payloads) - len(exact)
+        self.on_cpu += len(exact)
+        return images, errors
+
+    def decode_jpegs(self, payloads: list[bytes]) -> list:
+        """3 x H x W uint8 tensors on the device; None where the decoder refused an image."""
+        if not payloads:
+            return []
+        try:
+            return self._decode(payloads)
+        except Exception:  # noqa: BLE001 - a batched decode fails whole on one bad image: find it
+            decoded = []
+            for payload in payloads:
+                try:
+                    decoded.append(self._decode([payload])[0])
+                except Exception:  # noqa: BLE001 - the exact CPU path decides what is wrong with it
+                    decoded.append(None)
+            return decoded
+
+    def _decode(self, payloads: list[bytes]) -> list:
+        import torch
+
+        if self.backend == "nvjpeg":
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            data = [torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in payloads]
+            with self._lock:
+                return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+        return [torch.from_numpy(np.array(Image.open(io.BytesIO(p)).convert("RGB"))).permute(2, 0, 1)
+                for p in payloads]
+
+    def resize_center_crop(self, image):
+        """The exact path's resize (preprocess.resize_center_crop) with torch's bicubic + antialias kernel."""
+        import torch
+
+        _, height, width = image.shape
+        new_w, new_h, top, left = resize_geometry(width, height, self.size)
+        resized = torch.nn.functional.interpolate(image[None].float(), size=(new_h, new_w), mode="bicubic",
+                                                  antialias=True, align_corners=False)
+        crop = resized[0, :, top : top + self.size, left : left + self.size]
+        return crop.round_().clamp_(0, 255).to(torch.uint8)
