@@ -63,6 +63,19 @@ def photo_like(rng: np.random.Generator, photos: list[Image.Image]) -> Image.Ima
     return image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.5)))
 
 
+def benchmark_photo(rng: np.random.Generator, photos: list[Image.Image]) -> bytes:
+    """One photo-like JPEG at quality 75-95, as web images are saved."""
+    buf = io.BytesIO()
+    photo_like(rng, photos).save(buf, "JPEG", quality=int(rng.integers(75, 96)))
+    return buf.getvalue()
+
+
+def benchmark_photos(n: int, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    photos = [p for p, _ in real_photographs()]
+    return [benchmark_photo(rng, photos) for _ in range(n)]
+
+
 def make_benchmark_shards(folder: Path, n_shards: int, per_shard: int, seed: int = 0) -> list[Path]:
     """Shards of JPEGs (quality 75-95) and captions, written once and reused (cached) across runs."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,9 +88,7 @@ def make_benchmark_shards(folder: Path, n_shards: int, per_shard: int, seed: int
             members = []
             for i in range(per_shard):
                 key = f"{s:05d}{i:04d}"
-                buf = io.BytesIO()
-                photo_like(rng, photos).save(buf, "JPEG", quality=int(rng.integers(75, 96)))
-                members += [(f"{key}.jpg", buf.getvalue()), (f"{key}.txt", caption(rng).encode()),
+                members += [(f"{key}.jpg", benchmark_photo(rng, photos)), (f"{key}.txt", caption(rng).encode()),
                             (f"{key}.json", json.dumps({"url": f"https://example.com/{key}.jpg"}).encode())]
             write_tar_shard(path, members)
         paths.append(path)

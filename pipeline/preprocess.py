@@ -6,6 +6,7 @@ import functools
 import io
 import json
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def decode_image(payload: bytes, size: int, max_pixels: int) -> np.ndarray:
     try:
         image = Image.open(io.BytesIO(payload))
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for garbage
-        raise SampleError(f"image_decode_failed: {type(exc).__name__}: {exc}") from None
+        raise SampleError(f"image_decode_failed: {type(exc).__name__}: {without_addresses(exc)}") from None
     width, height = image.size
     if width * height > max_pixels:
         raise SampleError(f"image_too_large: {width}x{height} exceeds read.max_image_pixels={max_pixels}")
@@ -73,8 +74,14 @@ def decode_image(payload: bytes, size: int, max_pixels: int) -> np.ndarray:
             image = ImageOps.exif_transpose(image)
             image = to_rgb(image)
     except Exception as exc:  # noqa: BLE001
-        raise SampleError(f"image_decode_failed: {type(exc).__name__}: {exc}") from None
+        raise SampleError(f"image_decode_failed: {type(exc).__name__}: {without_addresses(exc)}") from None
     return resize_center_crop(image, size)
+
+
+def without_addresses(exc: Exception) -> str:
+    """PIL names the buffer it read (<_io.BytesIO object at 0x7f...>): drop it, so that a sample's error is
+    the same in every run and on every decode path."""
+    return re.sub(r" ?<[\w.]+ object at 0x[0-9a-f]+>", "", str(exc))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -101,7 +101,9 @@ def corpus_members() -> tuple[list[tuple[str, bytes]], dict[str, tuple[str, str 
     return members, expected
 
 
-def test_bad_samples_become_rows_beside_good_ones(local_ray, tiny_models, tmp_path):
+@pytest.mark.parametrize("decode_on", ["tasks", "encoder"])
+def test_bad_samples_become_rows_beside_good_ones(local_ray, tiny_models, tmp_path, decode_on):
+    """The same statuses and reasons whether images are decoded in the read tasks or in the encoder actor."""
     members, expected = corpus_members()
     shards = tmp_path / "shards"
     write_tar_shard(shards / "corpus.tar", members)
@@ -115,7 +117,8 @@ def test_bad_samples_become_rows_beside_good_ones(local_ray, tiny_models, tmp_pa
     (shards / "nottar.tar").write_bytes(b"<html>403 Forbidden</html>" * 50)
     out = tmp_path / "out"
     summary = run_embed_job(job_config(
-        tiny_models, f"{shards}/{{corpus,truncated,empty,nottar,missing}}.tar", str(out), "read.max_image_pixels=50000000"))
+        tiny_models, f"{shards}/{{corpus,truncated,empty,nottar,missing}}.tar", str(out), "read.max_image_pixels=50000000",
+        f"read.decode_on={decode_on}"))
 
     table = pq.read_table(out / "embeddings" / "corpus.parquet")
     rows = table.to_pylist()

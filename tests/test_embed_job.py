@@ -110,3 +110,22 @@ def test_failed_shards_are_reported_and_not_committed(local_ray, tiny_models, sh
     assert summary["failed_shards"][str(tmp_path / "junk.tar")].startswith("shard_unreadable")
     assert summary["failed_shards"][str(tmp_path / "missing.tar")].startswith("shard_missing")
     assert sorted(p.name for p in (out / "embeddings").iterdir()) == ["00002.parquet"]
+
+
+def test_decode_on_encoder_keeps_the_contract_and_two_batches_in_flight(local_ray, tiny_models, shards, tmp_path):
+    """read.decode_on=encoder: the same files, keys, statuses and text embeddings; image embeddings within the
+    resize kernel's difference (tiny wide-init towers amplify a 1-level pixel change to ~1e-2)."""
+    folder, _ = shards
+    inputs = f"{folder}/{{00000..00003}}.tar"
+    run_embed_job(job_config(tiny_models, inputs, str(tmp_path / "tasks")))
+    summary = run_embed_job(job_config(tiny_models, inputs, str(tmp_path / "encoder"), "read.decode_on=encoder",
+                                       "encoder.batches_in_flight=2"))
+    assert summary["shards_committed"] == 4 and (summary["ok"], summary["error"]) == (20, 2)
+    exact, on_encoder = read_output(tmp_path / "tasks"), read_output(tmp_path / "encoder")
+    assert on_encoder.schema.equals(exact.schema, check_metadata=False)
+    for column in ("key", "shard", "position", "caption", "url", "status", "error", "warning", "text_embedding"):
+        assert on_encoder.column(column).equals(exact.column(column)), column
+    ok = pa.compute.equal(exact.column("status"), "ok")
+    a = np.array(exact.filter(ok).column("image_embedding").to_pylist(), np.float32)
+    b = np.array(on_encoder.filter(ok).column("image_embedding").to_pylist(), np.float32)
+    assert (a * b).sum(1).min() > 0.99
