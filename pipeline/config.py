@@ -194,6 +194,8 @@ def _coerce(hint, value, where: str):
     if dataclasses.is_dataclass(hint):
         return _build(hint, value if value is not None else {}, where + ".")
     if get_origin(hint) is dict:
+        if isinstance(value, str):  # from --set: read.node_labels='{node-kind: cpu}'
+            value = yaml.safe_load(value) if value.strip() else {}
         if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, (str, int, float))
                                            and not isinstance(v, bool) for k, v in value.items()):
             return {k: str(v) for k, v in value.items()}

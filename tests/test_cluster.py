@@ -91,3 +91,40 @@ def test_job_completes_when_a_worker_node_is_lost(cluster, tiny_models, tmp_path
     assert not job.is_alive()
     assert result["shards_committed"] == N_SHARDS and result["shards_failed"] == 0
     assert output_keys(out) == ALL_KEYS  # every key exactly once
+
+
+@pytest.fixture
+def cpu_and_gpu_nodes():
+    """Two CPU-only nodes (read and decode) and two logical-GPU nodes (encoders), labelled as cluster.yaml does.
+    The GPU nodes have CPUs to spare, so nothing but the labels keeps the read tasks off them."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.data import DataContext
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    cpu_nodes = [cluster.add_node(num_cpus=2, labels={"node-kind": "cpu"}) for _ in range(2)]
+    gpu_nodes = [cluster.add_node(num_cpus=2, num_gpus=1, labels={"node-kind": "gpu"}) for _ in range(2)]
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    DataContext.get_current().enable_progress_bars = False
+    yield cpu_nodes, gpu_nodes
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_read_tasks_on_cpu_only_nodes_and_encoders_on_gpu_nodes(cpu_and_gpu_nodes, tiny_models, tmp_path):
+    from ray.util.state import list_actors, list_tasks
+
+    cpu_nodes, gpu_nodes = cpu_and_gpu_nodes
+    make_shards(tmp_path / "shards", N_SHARDS, PER_SHARD)
+    out = tmp_path / "out"
+    summary = run_embed_job(gpu_config(tiny_models, tmp_path / "shards", out, "read.node_labels={node-kind: cpu}",
+                                       "encoder.node_labels={node-kind: gpu}"))
+    assert summary["shards_committed"] == N_SHARDS and output_keys(out) == ALL_KEYS  # every key exactly once
+
+    reads = [t for t in list_tasks(detail=True, limit=10_000) if "read_and_preprocess" in t.name]
+    assert len(reads) >= N_SHARDS  # one per shard (and any retries)
+    assert {t.node_id for t in reads} <= {n.node_id for n in cpu_nodes}
+    actors = [a for a in list_actors(detail=True, limit=10_000) if "Encoder" in a.class_name]
+    assert len(actors) == 2
+    assert sorted(a.node_id for a in actors) == sorted(n.node_id for n in gpu_nodes)
