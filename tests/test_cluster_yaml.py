@@ -28,6 +28,17 @@ def test_cluster_yaml_is_valid():
     assert any("pip install" in c and "taiyi-embed" in c for c in prepared["setup_commands"])
 
 
+def test_cluster_yaml_node_types_match_the_wukong_config():
+    from pipeline.config import actor_range, load_config
+
+    types = yaml.safe_load((REPO / "cluster.yaml").read_text())["available_node_types"]
+    cfg = load_config(REPO / "configs" / "wukong.yaml")
+    gpu, cpu = types["a100"], types["cpu"]
+    assert gpu["labels"] == cfg.encoder.node_labels and cpu["labels"] == {"node-kind": "cpu"}
+    # the autoscaling pool spans the GPU node type's range: 8 A100s per p4d.24xlarge, one actor each
+    assert actor_range(cfg.encoder.actors) == (gpu["min_workers"] * 8, gpu["max_workers"] * 8)
+
+
 @pytest.mark.parametrize("mutate, error, message", [
     (lambda c: c["available_node_types"]["a100"].update(min_workerz=1), ValidationError, "min_workerz"),  # typo
     (lambda c: c.update(max_workers="eight"), ValidationError, "'eight' is not of type 'integer'"),

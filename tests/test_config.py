@@ -29,8 +29,14 @@ def test_yaml_and_overrides(tmp_path):
     ("colour=blue", "unknown config key(s): colour"),
     ("model.precision=fp8", "model.precision: expected one of auto, fp32, fp16, bf16"),
     ("write.embedding_dtype=bfloat16", "write.embedding_dtype"),
-    ("encoder.actors=0", "encoder.actors: must be > 0"),
-    ("encoder.actors=two", "encoder.actors: expected int, got 'two'"),
+    ("encoder.actors=0", "encoder.actors: need 1 <= min <= max, got 0"),
+    ("encoder.actors=two", "encoder.actors: expected a number or a range min..max (e.g. 1..8), got 'two'"),
+    ("encoder.actors=8..2", "encoder.actors: need 1 <= min <= max, got '8..2'"),
+    ("encoder.actors=1...8", "encoder.actors: expected a number or a range"),
+    ("encoder.actors=true", "encoder.actors: expected a number or a range min..max, got True"),
+    ("read.decode_on=gpu", "read.decode_on: expected one of tasks, encoder, got 'gpu'"),
+    ("read.node_labels=[cpu]", "read.node_labels: expected a mapping of label names to values"),
+    ("encoder.batches_in_flight=0", "encoder.batches_in_flight: must be > 0"),
     ("encoder.num_gpus=-1", "encoder.num_gpus: must be >= 0"),
     ("overwrite=maybe", "overwrite: expected bool"),
     ("model.precision=fp16", "fp16 needs a GPU"),
@@ -48,6 +54,16 @@ def test_bad_values_name_the_field(override, message):
 def test_an_actor_pool_that_takes_every_cpu_is_refused():
     with pytest.raises(ValueError, match="reserves all 2 CPUs"):
         load_config(None, [*BASE, "ray.num_cpus=2", "encoder.actors=2", "encoder.num_cpus=1"])
+    with pytest.raises(ValueError, match="reserves all 2 CPUs"):  # a range can grow to its maximum
+        load_config(None, [*BASE, "ray.num_cpus=2", "encoder.actors=1..4", "encoder.num_cpus=0.5"])
+
+
+def test_actor_ranges_and_node_labels_from_the_command_line():
+    from pipeline.config import actor_range
+
+    cfg = load_config(None, [*BASE, "encoder.actors=2..16", "read.node_labels={node-kind: cpu}"])
+    assert actor_range(cfg.encoder.actors) == (2, 16) and actor_range(8) == (8, 8)
+    assert cfg.read.node_labels == {"node-kind": "cpu"} and cfg.encoder.node_labels == {}
 
 
 def test_malformed_set_and_yaml(tmp_path):

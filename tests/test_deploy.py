@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import load_config
+from pipeline.config import actor_range, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,6 +18,13 @@ def test_rayjob_manifest_runs_the_embed_job_with_a_valid_config():
     overrides = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
     cfg = load_config(REPO / config, overrides)
     assert cfg.input.startswith("s3://") and cfg.output.startswith("s3://")
-    workers = manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
-    gpus = int(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-    assert cfg.encoder.num_gpus == 1 and cfg.encoder.actors == gpus  # one actor per GPU of a node
+    groups = {g["groupName"]: g for g in manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    gpu_group = groups["a100"]
+    gpus = int(gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    # one actor per GPU, from the smallest to the largest GPU group the cluster can scale to
+    assert cfg.encoder.num_gpus == 1
+    assert actor_range(cfg.encoder.actors) == (gpu_group["minReplicas"] * gpus, gpu_group["maxReplicas"] * gpus)
+    labels = lambda group: dict(kv.split("=") for kv in group["rayStartParams"]["labels"].split(","))  # noqa: E731
+    assert labels(gpu_group) == cfg.encoder.node_labels  # the encoders' labels are on the GPU pods
+    assert labels(groups["cpu"]) == {"node-kind": "cpu"}
+    assert "nvidia.com/gpu" not in groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
