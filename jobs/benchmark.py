@@ -1,7 +1,11 @@
 """Benchmark the embed job against its encoders' ceiling, in one run on one machine; prints a table, writes JSON.
 
     python jobs/benchmark.py --config configs/benchmark.yaml --pairs 512 --precisions fp32,bf16
+    python jobs/benchmark.py --config configs/benchmark-gpu.yaml      # one GPU, 16 cores, under 5 minutes
     python jobs/benchmark.py --tiny --pairs 32      # smoke run with tiny models (CI): figures mean nothing
+
+Where Ray is not installed (the lent GPU machine has none, and cannot install it), the stages run without Ray
+(pipeline/inprocess.py) and every figure is labelled so.
 """
 
 import argparse
@@ -19,9 +23,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/benchmark.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="dotted.key=value")
-    parser.add_argument("--pairs", type=int, default=512, help="pairs in the end-to-end run (default %(default)s)")
-    parser.add_argument("--per-shard", type=int, default=64, help="pairs per generated shard")
-    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16 (GPU)")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="pairs in each end-to-end run (default 512; 30720 on a GPU config)")
+    parser.add_argument("--per-shard", type=int, default=None, help="pairs per generated shard (64; 256 on a GPU config)")
+    parser.add_argument("--precisions", default=None,
+                        help="comma-separated: fp32, bf16, fp16 (GPU); default fp16,bf16 on a GPU config "
+                             "(encoder.num_gpus > 0), else fp32,bf16")
+    parser.add_argument("--decode-on", default=None,
+                        help="comma-separated read.decode_on placements to run end to end (default tasks,encoder)")
+    parser.add_argument("--fidelity-photos", type=int, default=None,
+                        help="photos for the decode_on=encoder fidelity figures (0: skip; default 159 when "
+                             "encoder is among the placements)")
+    parser.add_argument("--without-ray", action="store_true",
+                        help="drive the stages in this process even if Ray is installed (as on a machine without it)")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "taiyi-embed-bench"),
                         help="generated shards are kept here between runs")
     parser.add_argument("--ceiling-seconds", type=float, default=20.0, help="minimum encoder-only timing")
@@ -38,9 +52,25 @@ def main(argv=None) -> int:
         text, image = tiny_checkpoints(Path(args.cache))
         overrides = [f"model.text={text}", f"model.image={image}", "model.random_weights=false", *overrides]
     cfg = load_config(args.config, overrides)
-    logging.getLogger("benchmark").info("resolved config:\n%s", dump(cfg))
-    report = run_benchmark(cfg, args.pairs, args.per_shard, args.precisions.split(","), Path(args.cache),
-                           memory_check=not args.no_memory_check, ceiling_seconds=args.ceiling_seconds)
+    log = logging.getLogger("benchmark")
+    log.info("resolved config:\n%s", dump(cfg))
+    use_ray = not args.without_ray
+    if use_ray:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            use_ray = False
+            log.warning("Ray is not installed here: the stages run without Ray (read + tokenize in worker "
+                        "processes, the encoder in this process); every figure is labelled 'without Ray'")
+    precisions = (args.precisions or ("fp16,bf16" if cfg.encoder.num_gpus else "fp32,bf16")).split(",")
+    placements = (args.decode_on or "tasks,encoder").split(",")
+    pairs = args.pairs or (30_720 if cfg.encoder.num_gpus else 512)
+    per_shard = args.per_shard or (256 if cfg.encoder.num_gpus else 64)
+    fidelity_photos = args.fidelity_photos if args.fidelity_photos is not None else (
+        159 if "encoder" in placements else 0)
+    report = run_benchmark(cfg, pairs, per_shard, precisions, placements, Path(args.cache),
+                           memory_check=not args.no_memory_check, ceiling_seconds=args.ceiling_seconds,
+                           use_ray=use_ray, fidelity_photos=fidelity_photos)
     report["tiny_models"] = args.tiny
     report["command"] = " ".join(["python", "jobs/benchmark.py", *(argv if argv is not None else sys.argv[1:])])
     Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False))

@@ -13,12 +13,14 @@ import threading
 import time
 from pathlib import Path
 
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
 import numpy as np
 import psutil
-import ray
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline.config import JobCfg
+from pipeline.config import JobCfg, actor_range
 from pipeline.demo import real_photographs, write_tar_shard
 from pipeline.preprocess import MAX_TEXT_TOKENS, decode_caption, decode_image, load_tokenizer, resolve_tokenizer, tokenize
 from pipeline.read import RawSample, read_shard
@@ -76,38 +78,83 @@ def benchmark_photos(n: int, seed: int = 0) -> list[bytes]:
     return [benchmark_photo(rng, photos) for _ in range(n)]
 
 
+PHOTO_POOL = 2048  # distinct photos at most; larger runs reuse them (decode cost depends on the JPEG, not its key)
+
+
+def _photo_chunk(seed: int, n: int) -> list[bytes]:
+    return benchmark_photos(n, seed)
+
+
+def photo_pool(n: int, seed: int) -> list[bytes]:
+    """n benchmark photos, generated on every core (a GPU run needs tens of thousands of pairs in seconds)."""
+    chunks = [(seed * 1_000 + c, min(64, n - start)) for c, start in enumerate(range(0, n, 64))]
+    if len(chunks) == 1:
+        return _photo_chunk(*chunks[0])
+    with ProcessPoolExecutor(min(len(chunks), os.cpu_count() or 1), mp_context=get_context("spawn")) as pool:
+        return [photo for chunk in pool.map(_photo_chunk, *zip(*chunks)) for photo in chunk]
+
+
 def make_benchmark_shards(folder: Path, n_shards: int, per_shard: int, seed: int = 0) -> list[Path]:
-    """Shards of JPEGs (quality 75-95) and captions, written once and reused (cached) across runs."""
+    """Shards of photo-like JPEGs (quality 75-95) and captions, written once and reused (cached) across runs."""
     folder.mkdir(parents=True, exist_ok=True)
-    photos = [p for p, _ in real_photographs()]
-    paths = []
-    for s in range(n_shards):
-        path = folder / f"{s:05d}.tar"
-        if not path.exists():
-            rng = np.random.default_rng(seed * 100_003 + s)
-            members = []
-            for i in range(per_shard):
-                key = f"{s:05d}{i:04d}"
-                members += [(f"{key}.jpg", benchmark_photo(rng, photos)), (f"{key}.txt", caption(rng).encode()),
-                            (f"{key}.json", json.dumps({"url": f"https://example.com/{key}.jpg"}).encode())]
-            write_tar_shard(path, members)
-        paths.append(path)
+    paths = [folder / f"{s:05d}.tar" for s in range(n_shards)]
+    missing = [s for s, path in enumerate(paths) if not path.exists()]
+    if not missing:
+        return paths
+    photos = photo_pool(min(n_shards * per_shard, PHOTO_POOL), seed)
+    for s in missing:
+        rng = np.random.default_rng(seed * 100_003 + s)
+        members = []
+        for i in range(per_shard):
+            key = f"{s:05d}{i:04d}"
+            photo = photos[(s * per_shard + i) % len(photos)]
+            members += [(f"{key}.jpg", photo), (f"{key}.txt", caption(rng).encode()),
+                        (f"{key}.json", json.dumps({"url": f"https://example.com/{key}.jpg"}).encode())]
+        write_tar_shard(paths[s], members)
     return paths
 
 
 def decode_rate_per_core(cfg: JobCfg, shard: Path, tokenizer: tuple[str, str | None]) -> dict:
-    """Decode + resize + tokenize, one process, one thread: samples per second per core."""
+    """Decode + resize + tokenize, one process, one thread: samples per second per core, on each decode path
+    (decode_on=tasks: PIL; decode_on=encoder on CPU: PIL decode + torch's resize). On a GPU, also the device
+    path's images per second on the GPU, in batches of encoder.batch_size."""
+    import torch
+
+    from pipeline.device_decode import DeviceDecoder
+
     samples = [s for s in read_shard(str(shard), cfg) if isinstance(s, RawSample)]
+    payloads = [s.members["jpg"] for s in samples]
+    size, max_pixels = cfg.read.image_size, cfg.read.max_image_pixels
     tok = load_tokenizer(*tokenizer)
-    started = time.perf_counter()
-    for sample in samples:
-        decode_image(sample.members["jpg"], cfg.read.image_size, cfg.read.max_image_pixels)
-    decoded = time.perf_counter()
-    tokenize(tok, [decode_caption(s.members["txt"]) for s in samples])
-    finished = time.perf_counter()
-    return {"decode_images_per_s_per_core": round(len(samples) / (decoded - started), 1),
-            "tokenize_captions_per_s_per_core": round(len(samples) / (finished - decoded), 1),
-            "mean_jpeg_kb": round(float(np.mean([len(s.members["jpg"]) for s in samples])) / 1024, 1)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        started = time.perf_counter()
+        for payload in payloads:
+            decode_image(payload, size, max_pixels)
+        decoded = time.perf_counter()
+        tokenize(tok, [decode_caption(s.members["txt"]) for s in samples])
+        tokenized = time.perf_counter()
+        DeviceDecoder(torch.device("cpu"), size, max_pixels)(payloads)
+        device_path = time.perf_counter()
+    finally:
+        torch.set_num_threads(threads)
+    rates = {"decode_images_per_s_per_core": round(len(samples) / (decoded - started), 1),
+             "tokenize_captions_per_s_per_core": round(len(samples) / (tokenized - decoded), 1),
+             "encoder_path_on_cpu_images_per_s_per_core": round(len(samples) / (device_path - tokenized), 1),
+             "mean_jpeg_kb": round(float(np.mean([len(p) for p in payloads])) / 1024, 1)}
+    if gpu_available():
+        decoder = DeviceDecoder(torch.device("cuda"), size, max_pixels)
+        batch = (payloads * (cfg.encoder.batch_size // len(payloads) + 1))[: cfg.encoder.batch_size]
+        decoder(batch)  # warm-up: nvJPEG handles, kernels
+        torch.cuda.synchronize()
+        started, batches = time.perf_counter(), 0
+        while batches < 3 or time.perf_counter() - started < 3:
+            decoder(batch)
+            batches += 1
+        torch.cuda.synchronize()
+        rates["gpu_decode_resize_images_per_s"] = round(batches * len(batch) / (time.perf_counter() - started), 1)
+    return rates
 
 
 class CeilingProbe:
@@ -125,12 +172,13 @@ class CeilingProbe:
     def measure(self, input_ids: np.ndarray, min_seconds: float, min_batches: int) -> dict:
         rng = np.random.default_rng(0)
         pixels = rng.integers(0, 256, (self.batch_size, self.size, self.size, 3), dtype=np.uint8)
+        images = self.encoder.to_device(pixels).permute(0, 3, 1, 2)  # ready on the device, as decoded there
         ids = input_ids[: self.batch_size]
         for _ in range(2):  # warm-up: allocator, kernel selection (bf16 oneDNN primitives), caches
-            self.encoder.embed(pixels, ids)
+            self.encoder.embed(images, ids)
         batches, started = 0, time.perf_counter()
         while batches < min_batches or time.perf_counter() - started < min_seconds:
-            self.encoder.embed(pixels, ids)
+            self.encoder.embed(images, ids)
             batches += 1
         elapsed = time.perf_counter() - started
         return {"pairs_per_s": round(batches * self.batch_size / elapsed, 3), "batches": batches,
@@ -196,22 +244,69 @@ def peak_rss_bytes(pid: int) -> int:
     return 0
 
 
-def end_to_end(cfg: JobCfg, shards: list[Path], out: Path, memory_interval_s: float = 10.0) -> dict:
-    """The embed job on `shards`. Reading every process's PSS costs the driver ~40 ms a time, taken from
-    the encoders: timed runs sample it rarely, the memory-scaling runs often."""
-    from pipeline.run import run_embed_job
+def end_to_end(cfg: JobCfg, shards: list[Path], out: Path, use_ray: bool, random_weights: bool,
+               tokenizer: tuple[str, str | None], memory_interval_s: float = 10.0) -> dict:
+    """The embed job on `shards` (with Ray), or its stages driven in this process (without Ray). Reading every
+    process's PSS costs the driver ~40 ms a time, taken from the encoders: timed runs sample it rarely, the
+    memory-scaling runs often."""
+    with MemorySampler(memory_interval_s) as memory, GpuBusySampler() as gpu:
+        if use_ray:
+            from pipeline.run import run_embed_job
 
-    input_url = "{" + ",".join(str(p) for p in shards) + "}" if len(shards) > 1 else str(shards[0])
-    job = dataclasses.replace(cfg, input=input_url, output=str(out), overwrite=True)
-    wait_for_actors_to_exit()
-    with MemorySampler(memory_interval_s) as memory:
-        summary = run_embed_job(job)
-    parquet_bytes = sum(p.stat().st_size for p in (out / "embeddings").glob("*.parquet"))
-    return {"pairs": summary["samples"], "ok": summary["ok"], "wall_s": summary["wall_s"],
-            "startup_s": summary.get("startup_s"), "steady_pairs_per_s": summary.get("steady_pairs_per_s"),
-            "whole_run_pairs_per_s": summary["pairs_per_s"], "peak_memory_mib": round(memory.peak_bytes / 2**20, 1),
-            "peak_rss_sum_mib": round(memory.peak_rss_sum_bytes / 2**20, 1),
-            "parquet_bytes_per_pair": round(parquet_bytes / max(summary["samples"], 1), 1)}
+            input_url = "{" + ",".join(str(p) for p in shards) + "}" if len(shards) > 1 else str(shards[0])
+            wait_for_actors_to_exit()
+            summary = run_embed_job(dataclasses.replace(cfg, input=input_url, output=str(out), overwrite=True))
+            figures = {"pairs": summary["samples"], "ok": summary["ok"], "wall_s": summary["wall_s"],
+                       "startup_s": summary.get("startup_s"), "steady_pairs_per_s": summary.get("steady_pairs_per_s"),
+                       "whole_run_pairs_per_s": summary["pairs_per_s"], "steady_window": summary.get("steady_window"),
+                       "ray": True}
+            parquet = list((out / "embeddings").glob("*.parquet"))
+        else:
+            from pipeline.inprocess import run_without_ray
+
+            figures = run_without_ray(cfg, [str(p) for p in shards], random_weights, tokenizer, out)
+            parquet = list(out.glob("*.parquet"))
+    figures["gpu_busy_steady"] = gpu.busy_fraction(*figures["steady_window"]) if figures["steady_window"] else None
+    figures.update({"peak_memory_mib": round(memory.peak_bytes / 2**20, 1),
+                    "peak_rss_sum_mib": round(memory.peak_rss_sum_bytes / 2**20, 1),
+                    "parquet_bytes_per_pair": round(sum(p.stat().st_size for p in parquet) / max(figures["pairs"], 1), 1)})
+    return figures
+
+
+class GpuBusySampler:
+    """GPU 0's utilisation from NVML (the share of time a kernel was running) every 0.1 s, for the fraction of
+    the steady window the GPU was busy. Without a GPU or NVML, busy_fraction is None."""
+
+    def __init__(self, interval_s: float = 0.1):
+        self.interval_s, self.samples, self._stop = interval_s, [], threading.Event()
+        self._handle = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handle, self._nvml = pynvml.nvmlDeviceGetHandleByIndex(0), pynvml
+        except Exception:  # noqa: BLE001 - no NVML library, no driver, no GPU: nothing to sample
+            self._handle = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self.interval_s):
+            with contextlib.suppress(Exception):
+                self.samples.append((time.time(), self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu))
+
+    def busy_fraction(self, start: float, end: float) -> float | None:
+        inside = [util for t, util in self.samples if start <= t <= end]
+        return round(sum(inside) / len(inside) / 100, 3) if inside else None
+
+    def __enter__(self):
+        if self._handle is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 def wait_for_actors_to_exit(timeout_s: float = 60.0) -> None:
@@ -231,86 +326,130 @@ def wait_for_actors_to_exit(timeout_s: float = 60.0) -> None:
                 lingering, timeout_s)
 
 
-def measure_ceiling(cfg: JobCfg, random_weights: bool, input_ids: np.ndarray, seconds: float) -> dict:
-    """One probe per encoder actor, with its resources, all timed at once: the pool's ceiling is their sum."""
-    probes = [ray.remote(num_cpus=cfg.encoder.num_cpus, num_gpus=cfg.encoder.num_gpus)(CeilingProbe).remote(
-        cfg, random_weights) for _ in range(cfg.encoder.actors)]
-    try:
-        ray.get([p.__ray_ready__.remote() for p in probes])  # every model loaded before any timing starts
-        each = ray.get([p.measure.remote(input_ids, seconds, 3) for p in probes])
-    finally:
-        for p in probes:
-            ray.kill(p)
+def measure_ceiling(cfg: JobCfg, random_weights: bool, input_ids: np.ndarray, seconds: float, use_ray: bool) -> dict:
+    """One probe per encoder actor, with its resources, all timed at once: the pool's ceiling is their sum.
+    Without Ray, one probe in this process."""
+    if use_ray:
+        import ray
+
+        probes = [ray.remote(num_cpus=cfg.encoder.num_cpus, num_gpus=cfg.encoder.num_gpus)(CeilingProbe).remote(
+            cfg, random_weights) for _ in range(actor_range(cfg.encoder.actors)[0])]
+        try:
+            ray.get([p.__ray_ready__.remote() for p in probes])  # every model loaded before any timing starts
+            each = ray.get([p.measure.remote(input_ids, seconds, 3) for p in probes])
+        finally:
+            for p in probes:
+                ray.kill(p)
+    else:
+        each = [CeilingProbe(cfg, random_weights).measure(input_ids, seconds, 3)]
     return {"pairs_per_s": round(sum(m["pairs_per_s"] for m in each), 3),
             "per_actor_pairs_per_s": [m["pairs_per_s"] for m in each], "batches": sum(m["batches"] for m in each),
             "model_load_s": max(m["model_load_s"] for m in each), "device": each[0]["device"]}
 
 
-def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str], cache: Path,
-                  memory_check: bool, ceiling_seconds: float) -> dict:
-    from pipeline.run import decide_random_weights
+def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str], placements: list[str],
+                  cache: Path, memory_check: bool, ceiling_seconds: float, use_ray: bool,
+                  fidelity_photos: int) -> dict:
+    from pipeline.encode import decide_random_weights
 
     n_shards = max(1, pairs // per_shard)
-    shards = make_benchmark_shards(cache / f"shards-{per_shard}", n_shards, per_shard)
+    shards = make_benchmark_shards(cache / f"shards-v2-{per_shard}", n_shards, per_shard)
     random_weights = decide_random_weights(cfg)
     tokenizer = resolve_tokenizer(cfg, random_weights)
-    report = {"machine": machine(), "pairs": n_shards * per_shard, "shards": n_shards,
+    report = {"machine": machine(), "pairs": n_shards * per_shard, "shards": n_shards, "ray": use_ray,
               "encoder_actors": cfg.encoder.actors, "encoder_batch_size": cfg.encoder.batch_size,
-              "torch_threads": cfg.encoder.torch_threads,
+              "torch_threads": cfg.encoder.torch_threads, "batches_in_flight": cfg.encoder.batches_in_flight,
               "models": {"text": cfg.model.text, "image": cfg.model.image, "random_weights": random_weights},
               "cpu": decode_rate_per_core(cfg, shards[0], tokenizer), "runs": {}}
+    if not use_ray:
+        from pipeline.inprocess import read_workers
+
+        report["without_ray"] = (f"Ray is not used: read + tokenize (+ decode) in {read_workers(cfg)} worker "
+                                 "processes, the encoder in the benchmark's own process")
     texts = [caption(np.random.default_rng(i)) for i in range(cfg.encoder.batch_size)]
     input_ids = tokenize(load_tokenizer(*tokenizer), texts)
-    assert input_ids.shape[1] == MAX_TEXT_TOKENS
-
-    from pipeline.run import init_ray
+    if fidelity_photos:
+        from pipeline.fidelity import measure_fidelity
+        
+        rng = np.random.default_rng(7)
+        report["fidelity"] = measure_fidelity(cfg, photo_pool(fidelity_photos, seed=7),
+                                              [caption(rng) for _ in range(fidelity_photos)],
+                                              "cuda" if gpu_available() else "cpu")
 
     started = time.perf_counter()
-    if not ray.is_initialized():
-        init_ray(None, cfg.ray.num_cpus)
+    if use_ray:
+        import ray
+
+        from pipeline.run import init_ray
+
+        if not ray.is_initialized():
+            init_ray(None, cfg.ray.num_cpus)
     report["ray_start_s"] = round(time.perf_counter() - started, 3)
-    def with_precision(precision: str) -> JobCfg:
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, precision=precision))
+
+    def configured(precision: str, placement: str = "tasks") -> JobCfg:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, precision=precision),
+                                   read=dataclasses.replace(cfg.read, decode_on=placement))
 
     for precision in precisions:
-        run_cfg = with_precision(precision)
-        # the ceiling is measured right before and right after the end-to-end run, and the higher one is
+        # the ceiling is measured right before and right after the end-to-end runs, and the higher one is
         # used: on a shared machine the CPU's speed drifts, and the ratio must not flatter the pipeline
-        before = measure_ceiling(run_cfg, random_weights, input_ids, ceiling_seconds)
-        with tempfile.TemporaryDirectory() as tmp:
-            e2e = end_to_end(run_cfg, shards, Path(tmp) / "out")
-        after = measure_ceiling(run_cfg, random_weights, input_ids, ceiling_seconds)
+        before = measure_ceiling(configured(precision), random_weights, input_ids, ceiling_seconds, use_ray)
+        runs = {}
+        for placement in placements:
+            with tempfile.TemporaryDirectory() as tmp:
+                runs[placement] = {"end_to_end": end_to_end(configured(precision, placement), shards,
+                                                            Path(tmp) / "out", use_ray, random_weights, tokenizer)}
+        after = measure_ceiling(configured(precision), random_weights, input_ids, ceiling_seconds, use_ray)
         ceiling = max(before, after, key=lambda c: c["pairs_per_s"])
-        run = {"encoder_ceiling": ceiling, "ceiling_before_pairs_per_s": before["pairs_per_s"],
-               "ceiling_after_pairs_per_s": after["pairs_per_s"], "end_to_end": e2e}
-        if e2e["steady_pairs_per_s"]:
-            run["steady_ratio"] = round(e2e["steady_pairs_per_s"] / ceiling["pairs_per_s"], 3)
-        run["whole_run_ratio"] = round(e2e["pairs"] / e2e["wall_s"] / ceiling["pairs_per_s"], 3)
-        report["runs"][precision] = run
-    if memory_check:  # once, with the last precision: memory does not depend on it
-        report["memory_scaling"] = memory_scaling(with_precision(precisions[-1]), cache, per_shard)
+        for run in runs.values():
+            e2e = run["end_to_end"]
+            if e2e["steady_pairs_per_s"]:
+                run["steady_ratio"] = round(e2e["steady_pairs_per_s"] / ceiling["pairs_per_s"], 3)
+            run["whole_run_ratio"] = round(e2e["pairs"] / e2e["wall_s"] / ceiling["pairs_per_s"], 3)
+        report["runs"][precision] = {"encoder_ceiling": ceiling, "ceiling_before_pairs_per_s": before["pairs_per_s"],
+                                     "ceiling_after_pairs_per_s": after["pairs_per_s"], "decode_on": runs}
+    if memory_check and use_ray:  # once, with the last precision: memory does not depend on it
+        report["memory_scaling"] = memory_scaling(configured(precisions[-1], placements[-1]), cache, per_shard,
+                                                  random_weights, tokenizer)
     return report
 
 
-def memory_scaling(cfg: JobCfg, cache: Path, per_shard: int) -> dict:
+def memory_scaling(cfg: JobCfg, cache: Path, per_shard: int, random_weights: bool,
+                   tokenizer: tuple[str, str | None]) -> dict:
     """Peak memory of the job on enough shards to give every encoder actor a batch, and on 8x as many.
 
     Streaming with bounded in-flight blocks keeps the two peaks close. The small run must keep every
     actor busy: on fewer shards some actors hold weights but never the activations of a batch.
     """
-    small_shards = max(1, -(-cfg.encoder.actors * cfg.encoder.batch_size // per_shard))
-    shards = make_benchmark_shards(cache / f"shards-{per_shard}", 8 * small_shards, per_shard)
+    actors = actor_range(cfg.encoder.actors)[1]
+    small_shards = max(1, -(-actors * cfg.encoder.batch_size // per_shard))
+    shards = make_benchmark_shards(cache / f"shards-v2-{per_shard}", 8 * small_shards, per_shard)
 
     def run(n: int) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
-            return end_to_end(cfg, shards[:n], Path(tmp) / "out", memory_interval_s=0.5)
+            return end_to_end(cfg, shards[:n], Path(tmp) / "out", True, random_weights, tokenizer,
+                              memory_interval_s=0.5)
 
     small, large = run(small_shards), run(8 * small_shards)
-    return {"precision": cfg.model.precision, "pairs_small": small["pairs"], "pairs_large": large["pairs"],
+    return {"precision": cfg.model.precision, "decode_on": cfg.read.decode_on, "pairs_small": small["pairs"], "pairs_large": large["pairs"],
             "peak_mib_small": small["peak_memory_mib"], "peak_mib_large": large["peak_memory_mib"],
             "growth": round(large["peak_memory_mib"] / small["peak_memory_mib"] - 1, 3),
             "peak_rss_sum_mib_small": small["peak_rss_sum_mib"], "peak_rss_sum_mib_large": large["peak_rss_sum_mib"],
             "rss_sum_growth": round(large["peak_rss_sum_mib"] / small["peak_rss_sum_mib"] - 1, 3)}
+
+
+def ray_version() -> str | None:
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray.__version__
+
+
+def gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def machine() -> dict:
@@ -320,7 +459,7 @@ def machine() -> dict:
 
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "torch": torch.__version__,
-            "ray": ray.__version__}
+            "ray": ray_version()}
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
@@ -332,23 +471,43 @@ def machine() -> dict:
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{'precision':<10}{'ceiling/s':>11}{'steady/s':>10}{'ratio':>7}{'whole/s':>9}{'whole ratio':>12}"
-             f"{'startup s':>11}{'load s':>8}{'peak MiB':>10}{'B/pair':>8}"]
+    lines = []
+    if report.get("without_ray"):
+        lines.append(f"MEASURED WITHOUT RAY: {report['without_ray']}")
+    if report["models"]["random_weights"]:
+        lines.append("random weights of the real architectures (speed only)")
+    lines.append(f"{'precision':<10}{'decode_on':<10}{'ceiling/s':>11}{'steady/s':>10}{'ratio':>7}{'whole/s':>9}"
+                 f"{'whole ratio':>12}{'GPU busy':>9}{'startup s':>10}{'load s':>8}{'peak MiB':>10}{'B/pair':>8}")
     for precision, run in report["runs"].items():
-        c, e = run["encoder_ceiling"], run["end_to_end"]
-        lines.append(f"{precision:<10}{c['pairs_per_s']:>11.2f}{e['steady_pairs_per_s'] or 0:>10.2f}"
-                     f"{run.get('steady_ratio', 0):>7.3f}{e['whole_run_pairs_per_s']:>9.2f}{run['whole_run_ratio']:>12.3f}"
-                     f"{e['startup_s'] or 0:>11.1f}{c['model_load_s']:>8.1f}{e['peak_memory_mib']:>10.0f}"
-                     f"{e['parquet_bytes_per_pair']:>8.0f}")
+        c = run["encoder_ceiling"]
+        for placement, placed in run["decode_on"].items():
+            e = placed["end_to_end"]
+            busy = f"{e['gpu_busy_steady']:.0%}" if e.get("gpu_busy_steady") is not None else "-"
+            lines.append(f"{precision:<10}{placement:<10}{c['pairs_per_s']:>11.2f}{e['steady_pairs_per_s'] or 0:>10.2f}"
+                         f"{placed.get('steady_ratio', 0):>7.3f}{e['whole_run_pairs_per_s']:>9.2f}"
+                         f"{placed['whole_run_ratio']:>12.3f}{busy:>9}{e['startup_s'] or 0:>10.1f}"
+                         f"{c['model_load_s']:>8.1f}{e['peak_memory_mib']:>10.0f}{e['parquet_bytes_per_pair']:>8.0f}")
     cpu = report["cpu"]
-    lines.append(f"CPU per core: {cpu['decode_images_per_s_per_core']} images/s decoded "
-                 f"(mean JPEG {cpu['mean_jpeg_kb']} KiB), {cpu['tokenize_captions_per_s_per_core']} captions/s "
-                 f"tokenized; Ray start {report['ray_start_s']} s")
+    lines.append(f"CPU per core: {cpu['decode_images_per_s_per_core']} images/s decoded + resized by PIL (decode_on="
+                 f"tasks), {cpu['encoder_path_on_cpu_images_per_s_per_core']} by the encoder path on CPU; mean JPEG "
+                 f"{cpu['mean_jpeg_kb']} KiB; {cpu['tokenize_captions_per_s_per_core']} captions/s tokenized; "
+                 f"Ray start {report['ray_start_s']} s")
+    if "gpu_decode_resize_images_per_s" in cpu:
+        lines.append(f"GPU decode + resize (nvJPEG, batch {report['encoder_batch_size']}): "
+                     f"{cpu['gpu_decode_resize_images_per_s']} images/s")
+    if "fidelity" in report:
+        f = report["fidelity"]
+        lines.append(f"fidelity, decode_on=encoder vs the exact path, {f['photos']} photos on {f['device']} "
+                     f"({f['decoder']}; {f['weights']}): pixels mean {f['pixel_levels_mean']} / p99 "
+                     f"{f['pixel_levels_p99']:g} / max {f['pixel_levels_max']} levels; image embedding max "
+                     f"|diff| {f['embedding_max_component_diff']:.2e} per component; |delta similarity| p50 "
+                     f"{f['similarity_abs_diff_p50']:.1e}, p99 {f['similarity_abs_diff_p99']:.1e}, max "
+                     f"{f['similarity_abs_diff_max']:.1e}")
     if "memory_scaling" in report:
         m = report["memory_scaling"]
-        lines.append(f"memory ({m['precision']}): {m['pairs_small']} -> {m['pairs_large']} pairs: total PSS sampled "
-                     f"{m['peak_mib_small']} -> {m['peak_mib_large']} MiB ({m['growth']:+.1%}); sum of per-process "
-                     f"peak RSS {m['peak_rss_sum_mib_small']} -> {m['peak_rss_sum_mib_large']} MiB "
+        lines.append(f"memory ({m['precision']}, decode_on={m['decode_on']}): {m['pairs_small']} -> {m['pairs_large']} "
+                     f"pairs: total PSS sampled {m['peak_mib_small']} -> {m['peak_mib_large']} MiB ({m['growth']:+.1%}); "
+                     f"sum of per-process peak RSS {m['peak_rss_sum_mib_small']} -> {m['peak_rss_sum_mib_large']} MiB "
                      f"({m['rss_sum_growth']:+.1%})")
     return "\n".join(lines)
 

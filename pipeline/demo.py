@@ -9,7 +9,6 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-from braceexpand import braceexpand
 from PIL import Image, ImageDraw
 
 from pipeline.config import JobCfg
@@ -94,6 +93,8 @@ def demo_samples(shard_index: int, per_shard: int) -> list[tuple[str, bytes]]:
 def make_demo_shards(cfg: JobCfg, per_shard: int = 16) -> list[Path]:
     """Write the shards named by cfg.input, only when none of them exists yet (a fresh demo): pointed
     at real data, the demo config writes nothing."""
+    from braceexpand import braceexpand
+
     patterns = list(braceexpand(cfg.input))
     if any("://" in p or any(c in p for c in "*?[") for p in patterns):
         log.info("make_demo_shards: input %s is not a list of local files; no demo shards written", cfg.input)

@@ -52,6 +52,27 @@ def weights_reachable(name: str, revision: str | None) -> bool:
         return False
 
 
+def decide_random_weights(cfg: JobCfg) -> bool:
+    """Production configs never fall back; the demo does, loudly, when the weights cannot be fetched."""
+    if cfg.model.random_weights:
+        log.warning("model.random_weights=true: RANDOM weights of the real architectures (benchmark only)")
+        return True
+    missing = [name for name, rev in ((cfg.model.text, cfg.model.text_revision),
+                                      (cfg.model.image, cfg.model.image_revision))
+               if not weights_reachable(name, rev)]
+    if not missing:
+        return False
+    if cfg.model.random_init_fallback:
+        banner = "!" * 78
+        log.warning("\n%s\n!! cannot fetch %s: using RANDOM weights of the same architecture.\n"
+                    "!! Similarities are meaningless; files record random_weights=true.\n%s",
+                    banner, ", ".join(missing), banner)
+        return True
+    raise SystemExit(f"cannot load model weights for {', '.join(missing)}: not a local folder with config.json "
+                     "and not reachable on the Hugging Face Hub. Download them where there is network "
+                     "(huggingface-cli download NAME --local-dir DIR) and point model.text / model.image at DIR.")
+
+
 def load_towers(cfg: JobCfg, random_weights: bool):
     """(text model, image model) in eval mode. Only the vision tower and projection of CLIP are loaded."""
     from transformers import (BertConfig, BertForSequenceClassification, CLIPVisionConfig,

@@ -143,7 +143,7 @@ def _image_group(sample: RawSample) -> str:
 
 def evaluate(cfg: EvalCfg) -> dict:
     from pipeline.preprocess import resolve_tokenizer
-    from pipeline.run import decide_random_weights
+    from pipeline.encode import decide_random_weights
 
     job = cfg.job_cfg()
     random_weights = decide_random_weights(job)

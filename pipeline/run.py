@@ -20,8 +20,9 @@ from pipeline import storage
 from pipeline.config import JobCfg, actor_range
 from ray.data import ActorPoolStrategy
 
-from pipeline.encode import Encoder, weights_reachable
+from pipeline.encode import Encoder, decide_random_weights
 from pipeline.preprocess import preprocess, resolve_tokenizer
+from pipeline.progress import SteadyClock
 from pipeline.read import read_shards
 from pipeline.schema import file_metadata
 from pipeline.shards import Shard, committed_names, list_shards
@@ -84,63 +85,6 @@ class ShardProgress:
     @property
     def complete(self) -> bool:
         return self.expected is not None and len(self.positions) >= self.expected
-
-
-class SteadyClock:
-    """The steady-state rate: samples per second while every encoder actor is warm.
-
-    The window opens when the last actor to start has finished its first batch (Ray Data start, actor start,
-    weight load and first batch are before it: start-up; see window_start for an actor with one batch) and
-    closes at the last part written. A batch that straddles the opening counts for the share of its run time
-    inside the window, so work done before the window never flatters the rate.
-    """
-
-    def __init__(self):
-        self.batches: dict[tuple[str, float], list] = {}  # (actor, started) -> [finished, samples]
-
-    def add(self, encoder: str, started: float, finished: float, samples: int) -> None:
-        batch = self.batches.setdefault((encoder, started), [finished, 0])
-        batch[0], batch[1] = max(batch[0], finished), batch[1] + samples
-
-    def window_start(self) -> float | None:
-        """When the last actor has finished its first batch, counting only actors that ran more than one:
-        an actor fed a single batch at the very end would otherwise leave no window at all (its batch
-        still counts, for the share of it inside the window)."""
-        finishes: dict[str, list[float]] = collections.defaultdict(list)
-        for (encoder, _), (finished, _) in self.batches.items():
-            finishes[encoder].append(finished)
-        return max((min(times) for times in finishes.values() if len(times) > 1), default=None)
-
-    def steady_rate(self, end: float) -> float | None:
-        opens = self.window_start()
-        if opens is None or end <= opens:
-            return None
-        inside = 0.0
-        for (_, started), (finished, samples) in self.batches.items():
-            if finished > opens:
-                inside += samples * (finished - max(started, opens)) / max(finished - started, 1e-9)
-        return inside / (end - opens) if inside else None
-
-
-def decide_random_weights(cfg: JobCfg) -> bool:
-    """Production configs never fall back; the demo does, loudly, when the weights cannot be fetched."""
-    if cfg.model.random_weights:
-        log.warning("model.random_weights=true: RANDOM weights of the real architectures (benchmark only)")
-        return True
-    missing = [name for name, rev in ((cfg.model.text, cfg.model.text_revision),
-                                      (cfg.model.image, cfg.model.image_revision))
-               if not weights_reachable(name, rev)]
-    if not missing:
-        return False
-    if cfg.model.random_init_fallback:
-        banner = "!" * 78
-        log.warning("\n%s\n!! cannot fetch %s: using RANDOM weights of the same architecture.\n"
-                    "!! Similarities are meaningless; files record random_weights=true.\n%s",
-                    banner, ", ".join(missing), banner)
-        return True
-    raise SystemExit(f"cannot load model weights for {', '.join(missing)}: not a local folder with config.json "
-                     "and not reachable on the Hugging Face Hub. Download them where there is network "
-                     "(huggingface-cli download NAME --local-dir DIR) and point model.text / model.image at DIR.")
 
 
 def run_embed_job(cfg: JobCfg) -> dict:
@@ -231,6 +175,7 @@ def run_embed_job(cfg: JobCfg) -> dict:
     if steady:
         summary["startup_s"] = round(clock.window_start() - started, 3)
         summary["steady_pairs_per_s"] = round(steady, 3)
+        summary["steady_window"] = [clock.window_start(), last_output]  # epoch seconds
     write_summary(cfg, summary)
     return summary
 

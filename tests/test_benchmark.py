@@ -8,18 +8,42 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_benchmark_smoke(tmp_path):
+def run_benchmark_job(tmp_path, *args: str) -> tuple[dict, str]:
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "jobs/benchmark.py", "--tiny", "--pairs", "32", "--per-shard", "4", "--precisions",
-         "fp32,bf16", "--ceiling-seconds", "1", "--set", "encoder.batch_size=4", "--set", "read.batch_size=4",
-         "--cache", str(tmp_path / "cache"), "--json", str(out)],
+        [sys.executable, "jobs/benchmark.py", "--tiny", "--pairs", "32", "--per-shard", "4", "--ceiling-seconds", "1",
+         "--set", "encoder.batch_size=4", "--set", "read.batch_size=4", "--fidelity-photos", "4",
+         "--cache", str(tmp_path / "cache"), "--json", str(out), *args],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert report["tiny_models"] is True and report["pairs"] == 32 and report["shards"] == 8
+    return json.loads(out.read_text()), result.stdout
+
+
+def check_end_to_end(run: dict) -> None:
+    assert set(run["decode_on"]) == {"tasks", "encoder"}  # both placements, by default
+    for placed in run["decode_on"].values():
+        e2e = placed["end_to_end"]
+        assert e2e["pairs"] == 32 and e2e["ok"] == 32
+        for field in ("wall_s", "startup_s", "steady_pairs_per_s", "whole_run_pairs_per_s", "peak_memory_mib",
+                      "peak_rss_sum_mib", "parquet_bytes_per_pair"):
+            assert e2e[field] > 0, field
+        assert e2e["gpu_busy_steady"] is None  # no GPU here: not measured, and not made up
+        assert placed["steady_ratio"] > 0 and placed["whole_run_ratio"] > 0
+
+
+def check_fidelity(report: dict) -> None:
+    fidelity = report["fidelity"]
+    assert fidelity["photos"] == 4 and fidelity["took_device_path"] == 4 and "random" in fidelity["weights"]
+    assert 0 < fidelity["pixel_levels_mean"] <= 0.5 and fidelity["embedding_max_component_diff"] <= 6e-4
+    assert 0 <= fidelity["similarity_abs_diff_p50"] <= fidelity["similarity_abs_diff_max"]
+
+
+def test_benchmark_smoke(tmp_path):
+    report, stdout = run_benchmark_job(tmp_path, "--precisions", "fp32,bf16")
+    assert report["tiny_models"] is True and report["pairs"] == 32 and report["shards"] == 8 and report["ray"]
     assert report["ray_start_s"] > 0
-    for field in ("decode_images_per_s_per_core", "tokenize_captions_per_s_per_core", "mean_jpeg_kb"):
+    for field in ("decode_images_per_s_per_core", "encoder_path_on_cpu_images_per_s_per_core",
+                  "tokenize_captions_per_s_per_core", "mean_jpeg_kb"):
         assert report["cpu"][field] > 0
     assert set(report["runs"]) == {"fp32", "bf16"}
     assert report["encoder_actors"] == 2  # configs/benchmark.yaml: one single-threaded actor per core
@@ -29,23 +53,19 @@ def test_benchmark_smoke(tmp_path):
         per_actor = run["encoder_ceiling"]["per_actor_pairs_per_s"]
         assert len(per_actor) == 2 and all(rate > 0 for rate in per_actor)
         assert run["encoder_ceiling"]["pairs_per_s"] == round(sum(per_actor), 3)
-        e2e = run["end_to_end"]
-        assert e2e["pairs"] == 32 and e2e["ok"] == 32
-        for field in ("wall_s", "startup_s", "steady_pairs_per_s", "whole_run_pairs_per_s", "peak_memory_mib",
-                      "peak_rss_sum_mib", "parquet_bytes_per_pair"):
-            assert e2e[field] > 0, field
-        assert run["steady_ratio"] > 0 and run["whole_run_ratio"] > 0
+        check_end_to_end(run)
+    check_fidelity(report)
     memory = report["memory_scaling"]
     # 2 actors x batch 4 = 2 shards of 4 pairs keep every actor busy; then 8x as many shards
     assert memory["pairs_small"] == 8 and memory["pairs_large"] == 64 and memory["precision"] == "bf16"
     for field in ("peak_mib_small", "peak_mib_large", "peak_rss_sum_mib_small", "peak_rss_sum_mib_large"):
         assert memory[field] > 0, field
-    assert "ceiling/s" in result.stdout  # the printed table
+    assert "ceiling/s" in stdout and "fidelity" in stdout  # the printed table
     # the generated shards are realistic: JPEGs of 200-1000 px a side with Chinese captions
     import tarfile
     import io
     from PIL import Image
-    with tarfile.open(tmp_path / "cache" / "shards-4" / "00000.tar") as tar:
+    with tarfile.open(tmp_path / "cache" / "shards-v2-4" / "00000.tar") as tar:
         names = tar.getnames()
         image = Image.open(io.BytesIO(tar.extractfile(names[0]).read()))
         text = tar.extractfile(names[1]).read().decode()
@@ -53,8 +73,22 @@ def test_benchmark_smoke(tmp_path):
     assert 8 <= len(text) <= 80 and any("\u4e00" <= ch <= "\u9fff" for ch in text)
 
 
+def test_benchmark_runs_without_ray(tmp_path):
+    """What the lent GPU machine does (it has no Ray): the same stages in-process, labelled in table and JSON."""
+    report, stdout = run_benchmark_job(tmp_path, "--precisions", "fp32", "--without-ray")
+    assert report["ray"] is False
+    assert "worker processes" in report["without_ray"] and stdout.startswith("MEASURED WITHOUT RAY")
+    run = report["runs"]["fp32"]
+    assert len(run["encoder_ceiling"]["per_actor_pairs_per_s"]) == 1
+    check_end_to_end(run)
+    assert all(placed["end_to_end"]["ray"] is False for placed in run["decode_on"].values())
+    assert run["decode_on"]["encoder"]["end_to_end"]["decoded_on_device"] == 32  # every JPEG took the device path
+    check_fidelity(report)
+    assert "memory_scaling" not in report  # the scaling check needs Ray's pool
+
+
 def test_steady_clock_opens_when_every_actor_is_warm():
-    from pipeline.run import SteadyClock
+    from pipeline.progress import SteadyClock
 
     clock = SteadyClock()
     # actor a: batches of 10 s; actor b started 5 s later (its weights loaded later)
@@ -71,7 +105,7 @@ def test_steady_clock_opens_when_every_actor_is_warm():
 
 
 def test_steady_clock_an_actor_fed_only_the_last_batch():
-    from pipeline.run import SteadyClock
+    from pipeline.progress import SteadyClock
 
     clock = SteadyClock()
     for i in range(4):
@@ -82,7 +116,7 @@ def test_steady_clock_an_actor_fed_only_the_last_batch():
 
 
 def test_steady_clock_one_actor():
-    from pipeline.run import SteadyClock
+    from pipeline.progress import SteadyClock
 
     clock = SteadyClock()
     assert clock.window_start() is None and clock.steady_rate(10.0) is None
