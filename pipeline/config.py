@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DECODE_PLACEMENTS = ("tasks", "encoder")
@@ -145,14 +148,25 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobCfg:
     return cfg
 
 
-def read_raw(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
-    """The YAML mapping with `dotted.key=value` overrides applied (not yet typed or validated)."""
+def read_raw(path: str | Path | None, overrides: list[str] = (),
+             exclusive: tuple[tuple[str, ...], ...] = ()) -> dict[str, Any]:
+    """The YAML mapping with `dotted.key=value` overrides applied (not yet typed or validated).
+
+    `exclusive` lists groups of top-level keys of which at most one may be set: one set on the command line
+    replaces the file's (logged), so `--set min_similarity=0.2` works on a file that keeps a top fraction.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text(encoding="utf-8")
         raw = yaml.safe_load(text) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    given = {override.partition("=")[0].strip() for override in overrides}
+    for group in exclusive:
+        if given & set(group):
+            for key in set(group) - given:
+                if raw.pop(key, None) is not None:
+                    log.info("--set %s replaces %s from %s", ", ".join(sorted(given & set(group))), key, path)
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or not key:

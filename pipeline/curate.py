@@ -63,7 +63,8 @@ class FilterCfg:
 def load_filter_config(path, overrides=()) -> FilterCfg:
     from pipeline.config import read_raw
 
-    cfg = _build(FilterCfg, read_raw(path, overrides), "")
+    # a rule given on the command line replaces the file's rule
+    cfg = _build(FilterCfg, read_raw(path, overrides, exclusive=(("min_similarity", "keep_top_fraction"),)), "")
     if not cfg.embeddings or not cfg.output:
         raise ValueError("embeddings and output: required (the embed job's output folder, and a folder for ours)")
     if (cfg.min_similarity is None) == (cfg.keep_top_fraction is None):

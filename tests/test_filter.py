@@ -2,6 +2,7 @@
 
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +52,16 @@ def test_config_needs_exactly_one_rule():
         load_filter_config(None, ["embeddings=a", "output=b", "keep_top_fraction=1.5"])
     with pytest.raises(ValueError, match="unknown config key"):
         load_filter_config(None, ["embeddings=a", "output=b", "min_similarty=0.2"])
+
+
+def test_a_rule_on_the_command_line_replaces_the_files_rule():
+    repo_config = Path(__file__).resolve().parents[1] / "configs" / "filter.yaml"  # keeps a top fraction
+    cfg = load_filter_config(repo_config, ["min_similarity=0.2"])
+    assert (cfg.min_similarity, cfg.keep_top_fraction) == (0.2, None)
+    cfg = load_filter_config(repo_config, ["keep_top_fraction=0.3"])
+    assert (cfg.min_similarity, cfg.keep_top_fraction) == (None, 0.3)
+    with pytest.raises(ValueError, match="exactly one rule"):  # both on the command line: still an error
+        load_filter_config(repo_config, ["min_similarity=0.2", "keep_top_fraction=0.3"])
 
 
 def test_absolute_threshold_drops_errors(local_ray, tmp_path):
