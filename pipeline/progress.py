@@ -1,8 +1,42 @@
-"""How fast the job runs: the steady-state rate of the encoder pool, from the batches' own start and finish times."""
+"""How far and how fast the job runs: progress lines with an ETA, and the encoder pool's steady-state rate."""
 
 from __future__ import annotations
 
 import collections
+import time
+
+MIN_SHARDS_FOR_ETA = 3  # an ETA from one or two commits is mostly start-up
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class ProgressReport:
+    """A progress line every `interval_s`: shards committed of the total and percent done, samples, pairs/s
+    over the last interval and overall, failed shards, and an ETA from the shard rate once a few shards
+    are committed."""
+
+    def __init__(self, total_shards: int, interval_s: float, started: float | None = None):
+        self.total, self.interval_s = total_shards, interval_s
+        self.started = self.last_time = started if started is not None else time.time()
+        self.last_samples = 0
+
+    def due(self, now: float) -> bool:
+        return now - self.last_time >= self.interval_s
+
+    def line(self, committed: int, failed: int, samples: int, now: float) -> str:
+        elapsed, interval = max(now - self.started, 1e-9), max(now - self.last_time, 1e-9)
+        recent = (samples - self.last_samples) / interval
+        self.last_time, self.last_samples = now, samples
+        done = committed + failed
+        text = (f"progress: {committed}/{self.total} shards committed ({100 * done / max(self.total, 1):.1f}% done), "
+                f"{failed} failed, {samples:,} samples, {recent:,.1f} pairs/s now, {samples / elapsed:,.1f} overall")
+        if committed >= MIN_SHARDS_FOR_ETA and done < self.total:
+            text += f", ETA {duration((self.total - done) * elapsed / done)}"
+        return text
 
 
 class SteadyClock:

@@ -22,7 +22,7 @@ from ray.data import ActorPoolStrategy
 
 from pipeline.encode import Encoder, decide_random_weights
 from pipeline.preprocess import preprocess, resolve_tokenizer
-from pipeline.progress import SteadyClock
+from pipeline.progress import ProgressReport, SteadyClock
 from pipeline.read import read_shards
 from pipeline.schema import file_metadata
 from pipeline.shards import Shard, committed_names, list_shards
@@ -117,7 +117,8 @@ def run_embed_job(cfg: JobCfg) -> dict:
     results: dict[str, dict] = {}
     failed: dict[str, str] = {}
     commit_task = ray.remote(num_cpus=cfg.write.num_cpus, max_retries=3)(commit_shard)
-    pipeline_started, samples_seen, last_report = time.time(), 0, time.time()
+    pipeline_started, samples_seen = time.time(), 0
+    report = ProgressReport(len(todo), cfg.ray.progress_interval_s, pipeline_started)
     clock, last_output = SteadyClock(), None
 
     def collect(block: bool) -> None:
@@ -156,11 +157,9 @@ def run_embed_job(cfg: JobCfg) -> dict:
                     else:
                         failed[shard.url] = shard.shard_error
             collect(block=False)
-            if time.time() - last_report >= cfg.ray.progress_interval_s:
-                last_report = time.time()
-                rate = samples_seen / max(time.time() - pipeline_started, 1e-9)
-                log.info("progress: %d/%d shards committed, %d failed, %d samples embedded, %.1f pairs/s",
-                         len(results), len(todo), len(failed), samples_seen, rate)
+            now = time.time()
+            if report.due(now):
+                log.info("%s", report.line(len(results), len(failed), samples_seen, now))
         collect(block=True)
         if fs.exists(staging_dir(cfg, run_id)):
             fs.rm(staging_dir(cfg, run_id), recursive=True)

@@ -1,6 +1,7 @@
 """The embed job end to end on a 2-CPU local Ray: the output contract, per-shard commits, reruns."""
 
 import json
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -112,14 +113,18 @@ def test_failed_shards_are_reported_and_not_committed(local_ray, tiny_models, sh
     assert sorted(p.name for p in (out / "embeddings").iterdir()) == ["00002.parquet"]
 
 
-def test_decode_on_encoder_keeps_the_contract_and_two_batches_in_flight(local_ray, tiny_models, shards, tmp_path):
+def test_decode_on_encoder_keeps_the_contract_and_two_batches_in_flight(local_ray, tiny_models, shards, tmp_path,
+                                                                        caplog):
     """read.decode_on=encoder: the same files, keys, statuses and text embeddings; image embeddings within the
     resize kernel's difference (tiny wide-init towers amplify a 1-level pixel change to ~1e-2)."""
     folder, _ = shards
     inputs = f"{folder}/{{00000..00003}}.tar"
     run_embed_job(job_config(tiny_models, inputs, str(tmp_path / "tasks")))
-    summary = run_embed_job(job_config(tiny_models, inputs, str(tmp_path / "encoder"), "read.decode_on=encoder",
-                                       "encoder.batches_in_flight=2"))
+    with caplog.at_level(logging.INFO, logger="pipeline.run"):
+        summary = run_embed_job(job_config(tiny_models, inputs, str(tmp_path / "encoder"), "read.decode_on=encoder",
+                                           "encoder.batches_in_flight=2", "ray.progress_interval_s=0.5"))
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress: ")]
+    assert progress and all(" shards committed (" in line and "% done)" in line for line in progress)
     assert summary["shards_committed"] == 4 and (summary["ok"], summary["error"]) == (20, 2)
     exact, on_encoder = read_output(tmp_path / "tasks"), read_output(tmp_path / "encoder")
     assert on_encoder.schema.equals(exact.schema, check_metadata=False)
