@@ -65,8 +65,9 @@ def real_photographs() -> list[tuple[Image.Image, str]]:
     ]
 
 
-def demo_samples(shard_index: int, per_shard: int) -> list[tuple[str, bytes]]:
-    members: list[tuple[str, bytes]] = []
+def demo_samples(shard_index: int, per_shard: int) -> list[dict]:
+    """WebDataset samples ({"__key__", "jpg", "txt", "json"}) for one demo shard, with two broken on purpose."""
+    samples: list[dict] = []
     photos = real_photographs()
     color_names, shape_names = list(COLORS), list(SHAPES)
     for i in range(per_shard):
@@ -78,16 +79,26 @@ def demo_samples(shard_index: int, per_shard: int) -> list[tuple[str, bytes]]:
             color, shape = color_names[n % len(color_names)], shape_names[n % len(shape_names)]
             size = (320 + 37 * (n % 9), 240 + 53 * (n % 7))
             image, caption = shape_image(COLORS[color], SHAPES[shape], size, n), f"浅色背景上的一个{color}{shape}"
-        members.append((f"{key}.jpg", encode_image(image, quality=85)))
-        if i == per_shard - 1 and shard_index == 0:
-            continue  # a sample without caption: it shows up as an `error` row (missing_caption)
-        members.append((f"{key}.txt", caption.encode("utf-8")))
-        members.append((f"{key}.json", json.dumps({"url": f"https://example.com/demo/{key}.jpg",
-                                                   "caption": caption}, ensure_ascii=False).encode()))
+        sample = {"__key__": key, "jpg": encode_image(image, quality=85)}
+        if not (i == per_shard - 1 and shard_index == 0):  # else no caption: an `error` row (missing_caption)
+            sample["txt"] = caption.encode("utf-8")
+            sample["json"] = json.dumps({"url": f"https://example.com/demo/{key}.jpg", "caption": caption},
+                                        ensure_ascii=False).encode()
+        samples.append(sample)
     if shard_index == 1:
-        members.append((f"{shard_index:05d}9999.jpg", b"\xff\xd8\xff\xe0 this is not really a jpeg"))
-        members.append((f"{shard_index:05d}9999.txt", "一张损坏的图片".encode()))
-    return members
+        samples.append({"__key__": f"{shard_index:05d}9999", "jpg": b"\xff\xd8\xff\xe0 this is not really a jpeg",
+                        "txt": "一张损坏的图片".encode()})
+    return samples
+
+
+def write_samples(path: Path, samples: list[dict]) -> None:
+    """A shard written by webdataset's own TarWriter, as img2dataset and WebDataset users write them."""
+    import webdataset
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as stream, webdataset.TarWriter(stream, mtime=0) as writer:
+        for sample in samples:
+            writer.write(sample)
 
 
 def make_demo_shards(cfg: JobCfg, per_shard: int = 16) -> list[Path]:
@@ -104,6 +115,6 @@ def make_demo_shards(cfg: JobCfg, per_shard: int = 16) -> list[Path]:
         log.info("demo shards: using the existing files of %s", cfg.input)
         return paths
     for index, path in enumerate(paths):
-        write_tar_shard(path, demo_samples(index, per_shard))
+        write_samples(path, demo_samples(index, per_shard))
     log.info("demo shards written: %s", ", ".join(map(str, paths)))
     return paths
