@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from pipeline.config import JobCfg, actor_range
 from pipeline.demo import real_photographs, write_tar_shard
-from pipeline.preprocess import MAX_TEXT_TOKENS, decode_caption, decode_image, load_tokenizer, resolve_tokenizer, tokenize
+from pipeline.preprocess import decode_caption, decode_image, load_tokenizer, resolve_tokenizer, tokenize
 from pipeline.read import RawSample, read_shard
 
 log = logging.getLogger(__name__)

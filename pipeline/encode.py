@@ -85,8 +85,9 @@ def load_towers(cfg: JobCfg, random_weights: bool):
         image = CLIPVisionModelWithProjection(CLIPVisionConfig(**IMAGE_ARCH))
     else:
         # safetensors are preferred when present; .bin files load with torch.load(weights_only=True)
-        text, text_info = BertForSequenceClassification.from_pretrained(
-            cfg.model.text, revision=cfg.model.text_revision, output_loading_info=True)
+        with quiet_transformers(errors_only=False):
+            text, text_info = BertForSequenceClassification.from_pretrained(
+                cfg.model.text, revision=cfg.model.text_revision, output_loading_info=True)
         with quiet_transformers():  # skipping CLIP's text tower is intended, not worth a warning table
             image, image_info = CLIPVisionModelWithProjection.from_pretrained(
                 cfg.model.image, revision=cfg.model.image_revision, output_loading_info=True)
@@ -106,15 +107,20 @@ def load_towers(cfg: JobCfg, random_weights: bool):
 
 
 @contextlib.contextmanager
-def quiet_transformers():
+def quiet_transformers(errors_only: bool = True):
+    """No "Loading weights" progress bar in every actor's log; with errors_only, no warnings either."""
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    if errors_only:
+        hf_logging.set_verbosity_error()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 class Encoder:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +97,30 @@ def local_ray():
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def encoder_placement(every_s: float = 0.2):
+    """{actor id: node id} of the live encoder actors, watched while the block runs (a dead actor's record
+    may lack its node, so they are recorded while alive)."""
+    from ray.util.state import list_actors
+
+    placement, done = {}, threading.Event()
+
+    def watch():
+        while not done.is_set():
+            for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
+                if "Encoder" in actor.class_name and actor.node_id:
+                    placement[actor.actor_id] = actor.node_id
+            done.wait(every_s)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield placement
+    finally:
+        done.set()
+        watcher.join()
 
 
 def rgb_image(width: int, height: int, seed: int = 0) -> Image.Image:

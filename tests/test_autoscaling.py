@@ -1,11 +1,10 @@
 """encoder.actors as a range on Ray's fake autoscaling cluster: the pool and the cluster grow with the backlog."""
 
-import threading
 import time
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import CAPTIONS, job_config
+from conftest import CAPTIONS, encoder_placement, job_config
 from pipeline.demo import encode_image, shape_image, write_tar_shard
 from pipeline.run import run_embed_job
 
@@ -73,8 +72,6 @@ def large_jpeg_shards(folder):
 
 
 def test_encoder_pool_and_gpu_nodes_scale_out_with_the_backlog(autoscaling_cluster, tiny_models, tmp_path):
-    from ray.util.state import list_actors
-
     ray = autoscaling_cluster
     large_jpeg_shards(tmp_path / "shards")
     out = tmp_path / "out"
@@ -82,22 +79,8 @@ def test_encoder_pool_and_gpu_nodes_scale_out_with_the_backlog(autoscaling_clust
                      "encoder.actors=1..3", "encoder.num_gpus=1", "encoder.device=cpu", "encoder.num_cpus=0.5",
                      "encoder.batch_size=4", "read.decode_on=encoder", "read.num_cpus=0.5", "read.batch_size=10")
     gpu_nodes_at_start = ray.cluster_resources().get("GPU", 0)
-    placement, done = {}, threading.Event()
-
-    def watch():
-        while not done.is_set():
-            for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
-                if "Encoder" in actor.class_name and actor.node_id:
-                    placement[actor.actor_id] = actor.node_id
-            time.sleep(0.5)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
+    with encoder_placement(every_s=0.5) as placement:
         summary = run_embed_job(cfg)
-    finally:
-        done.set()
-        watcher.join()
     assert gpu_nodes_at_start == 1
     assert summary["shards_committed"] == N_SHARDS and summary["shards_failed"] == 0
     keys = sorted(k for p in (out / "embeddings").glob("*.parquet")

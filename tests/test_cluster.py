@@ -6,7 +6,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import job_config, make_shards
+from conftest import encoder_placement, job_config, make_shards
 from pipeline.run import run_embed_job
 
 N_SHARDS, PER_SHARD = 8, 6
@@ -46,27 +46,11 @@ def output_keys(out):
 
 
 def test_encoder_actors_spread_one_per_gpu_across_nodes(cluster, tiny_models, tmp_path):
-    from ray.util.state import list_actors
-
     _, workers = cluster
     make_shards(tmp_path / "shards", N_SHARDS, PER_SHARD)
     out = tmp_path / "out"
-    placement, done = {}, threading.Event()
-
-    def watch():  # where the live encoder actors run (a dead actor's record may lack its node)
-        while not done.is_set():
-            for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
-                if "Encoder" in actor.class_name and actor.node_id:
-                    placement[actor.actor_id] = actor.node_id
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
+    with encoder_placement() as placement:
         summary = run_embed_job(gpu_config(tiny_models, tmp_path / "shards", out))
-    finally:
-        done.set()
-        watcher.join()
     assert summary["shards_committed"] == N_SHARDS and summary["samples"] == len(ALL_KEYS)
     assert output_keys(out) == ALL_KEYS  # every sample written once
     assert len(placement) == 2

@@ -1,7 +1,6 @@
 """read.decode_on=encoder: which images take the device path, and how far its pixels and embeddings are from the
 exact path (run here with the actor on CPU: torch's resize on CPU tensors, PIL standing in for nvJPEG)."""
 
-import io
 
 import numpy as np
 import pytest
