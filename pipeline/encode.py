@@ -106,6 +106,16 @@ def load_towers(cfg: JobCfg, random_weights: bool):
     return text.eval(), image.eval()
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this (Linux) CPU has bf16 instructions (x86 AVX512-BF16 or AMX, Arm BF16); True where it
+    cannot tell."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return True
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 @contextlib.contextmanager
 def quiet_transformers(errors_only: bool = True):
     """No "Loading weights" progress bar in every actor's log; with errors_only, no warnings either."""
@@ -138,6 +148,9 @@ class Encoder:
         if precision == "auto":
             precision = "fp16" if self.device.type == "cuda" else "fp32"
         self.autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        if precision == "bf16" and self.device.type == "cpu" and not cpu_has_bf16():
+            log.warning("model.precision=bf16 on a CPU without bf16 instructions (AVX512-BF16 / AMX): torch "
+                        "emulates it, many times slower than fp32; use fp32 here")
         self.embedding_dtype = np.float16 if cfg.write.embedding_dtype == "float16" else np.float32
         self.text_model, self.image_model = (m.to(self.device) for m in load_towers(cfg, random_weights))
         self.mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
