@@ -368,14 +368,6 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
                                  "processes, the encoder in the benchmark's own process")
     texts = [caption(np.random.default_rng(i)) for i in range(cfg.encoder.batch_size)]
     input_ids = tokenize(load_tokenizer(*tokenizer), texts)
-    if fidelity_photos:
-        from pipeline.fidelity import measure_fidelity
-        
-        rng = np.random.default_rng(7)
-        report["fidelity"] = measure_fidelity(cfg, photo_pool(fidelity_photos, seed=7),
-                                              [caption(rng) for _ in range(fidelity_photos)],
-                                              "cuda" if gpu_available() else "cpu")
-
     started = time.perf_counter()
     if use_ray:
         import ray
@@ -411,6 +403,14 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
     if memory_check and use_ray:  # once, with the last precision: memory does not depend on it
         report["memory_scaling"] = memory_scaling(configured(precisions[-1], placements[-1]), cache, per_shard,
                                                   random_weights, tokenizer)
+    # last: its two towers, loaded in this process, must not count in the runs' memory
+    if fidelity_photos:
+        from pipeline.fidelity import measure_fidelity
+
+        rng = np.random.default_rng(7)
+        report["fidelity"] = measure_fidelity(cfg, photo_pool(fidelity_photos, seed=7),
+                                              [caption(rng) for _ in range(fidelity_photos)],
+                                              "cuda" if gpu_available() else "cpu")
     return report
 
 

@@ -88,9 +88,14 @@ def test_shipped_configs_are_valid():
     from pipeline.evaluate import load_eval_config
 
     configs = {p.name for p in (REPO / "configs").glob("*.yaml")}
-    assert configs == {"demo.yaml", "wukong.yaml", "benchmark.yaml", "filter.yaml", "eval.yaml"}
-    for name in ("demo.yaml", "wukong.yaml", "benchmark.yaml"):
+    assert configs == {"demo.yaml", "wukong.yaml", "benchmark.yaml", "benchmark-gpu.yaml", "filter.yaml",
+                       "eval.yaml"}
+    for name in ("demo.yaml", "wukong.yaml", "benchmark.yaml", "benchmark-gpu.yaml"):
         load_config(REPO / "configs" / name)
+    # the exact path stays the default where figures favour it (CPU); the GPU production config decodes there
+    assert load_config(REPO / "configs" / "demo.yaml").read.decode_on == "tasks"
+    assert load_config(REPO / "configs" / "benchmark.yaml").read.decode_on == "tasks"
+    assert load_config(REPO / "configs" / "wukong.yaml").read.decode_on == "encoder"
     load_filter_config(REPO / "configs" / "filter.yaml")
     load_eval_config(REPO / "configs" / "eval.yaml", ["retrieval=flickr30k-cn/*.tar"])
 
