@@ -10,14 +10,14 @@ read.decode_on=tasks.
 
 Decoders: torchvision.io.decode_jpeg on CUDA (batched nvJPEG; torchvision is in most CUDA images and uses
 torch's own CUDA context and caching allocator, where nvImageCodec would be one more CUDA library to match to
-the driver). On CPU, PIL stands in for nvJPEG: the same code, decoder aside, which is how CI runs this path.
+the driver; torchvision 0.29 deprecates its decoders for TorchCodec: the call is in DeviceDecoder._decode
+alone). On CPU, PIL stands in for nvJPEG: the same code, decoder aside, which is how CI runs this path.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import threading
 
 import numpy as np
 from PIL import Image
@@ -66,7 +66,6 @@ class DeviceDecoder:
             self.backend = "nvjpeg"
         else:
             self.backend = "pil"  # stands in for nvJPEG where there is no GPU: CI and CPU-only nodes
-        self._lock = threading.Lock()  # one nvJPEG handle per process; batches in other threads use the model
         self.on_device = self.on_cpu = 0  # images decoded each way, for the benchmark's report
 
     def __call__(self, payloads: list[bytes]):
@@ -113,9 +112,9 @@ class DeviceDecoder:
         if self.backend == "nvjpeg":
             from torchvision.io import ImageReadMode, decode_jpeg
 
+            # thread-safe on CUDA (torchvision's docs), so two batches in flight decode side by side
             data = [torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in payloads]
-            with self._lock:
-                return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
         return [torch.from_numpy(np.array(Image.open(io.BytesIO(p)).convert("RGB"))).permute(2, 0, 1)
                 for p in payloads]
 
