@@ -490,8 +490,8 @@ def format_table(report: dict) -> str:
     cpu = report["cpu"]
     lines.append(f"CPU per core: {cpu['decode_images_per_s_per_core']} images/s decoded + resized by PIL (decode_on="
                  f"tasks), {cpu['encoder_path_on_cpu_images_per_s_per_core']} by the encoder path on CPU; mean JPEG "
-                 f"{cpu['mean_jpeg_kb']} KiB; {cpu['tokenize_captions_per_s_per_core']} captions/s tokenized; "
-                 f"Ray start {report['ray_start_s']} s")
+                 f"{cpu['mean_jpeg_kb']} KiB; {cpu['tokenize_captions_per_s_per_core']} captions/s tokenized"
+                 + (f"; Ray start {report['ray_start_s']} s" if report["ray"] else ""))
     if "gpu_decode_resize_images_per_s" in cpu:
         lines.append(f"GPU decode + resize (nvJPEG, batch {report['encoder_batch_size']}): "
                      f"{cpu['gpu_decode_resize_images_per_s']} images/s")
