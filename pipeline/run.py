@@ -18,7 +18,7 @@ import ray
 
 from pipeline import storage
 from pipeline.config import JobCfg, actor_range
-from ray.data import ActorPoolStrategy, TaskPoolStrategy
+from ray.data import ActorPoolStrategy
 
 from pipeline.encode import Encoder, decide_random_weights
 from pipeline.preprocess import preprocess, resolve_tokenizer
@@ -34,18 +34,17 @@ log = logging.getLogger(__name__)
 COMMITTABLE_SHARD_ERRORS = ("shard_truncated",)
 
 
-def ray_resources(cfg: JobCfg, n_shards: int) -> dict:
+def ray_resources(cfg: JobCfg) -> dict:
     """The one place where config becomes Ray resources, for each stage of the flow."""
     min_actors, max_actors = actor_range(cfg.encoder.actors)
     in_flight = cfg.encoder.batches_in_flight
     pool = ActorPoolStrategy(min_size=min_actors, max_size=max_actors,
                              # batches in flight run in threads of the actor, each on its own CUDA stream
                              max_concurrent_calls_per_actor=in_flight, enable_true_multi_threading=in_flight > 1)
-    # at most one read task per shard (there is one block per shard). Ray Data would fuse the read stage into
-    # the encoder actors whenever both ask for the same resources, unless the task pool's size differs from
-    # the actor pool's maximum: the fused actors would then decode on the encoders' cores, one at a time
-    read = dict(num_cpus=cfg.read.num_cpus,
-                compute=TaskPoolStrategy(size=n_shards if n_shards != max_actors else n_shards + 1))
+    # Ray Data fuses a task stage into the next actor stage whenever both have the same remote args: the
+    # actors would then decode on the encoders' cores, one batch at a time. max_calls=0 is Ray's default for
+    # CPU tasks (workers are reused without limit), stated explicitly so that the read stage's args differ
+    read = dict(num_cpus=cfg.read.num_cpus, max_calls=0)
     encode = dict(num_cpus=cfg.encoder.num_cpus, num_gpus=cfg.encoder.num_gpus, compute=pool,
                   batch_size=cfg.encoder.batch_size)
     if cfg.read.node_labels:
@@ -57,7 +56,7 @@ def ray_resources(cfg: JobCfg, n_shards: int) -> dict:
 
 def build_dataset(cfg: JobCfg, shards: list[Shard], run_id: str, random_weights: bool,
                   tokenizer: tuple[str, str | None]) -> ray.data.Dataset:
-    resources = ray_resources(cfg, len(shards))
+    resources = ray_resources(cfg)
     ray.data.DataContext.get_current().wait_for_min_actors_s = cfg.encoder.wait_for_actors_s
     # one shard per block, so shards are read in parallel and a failed read retries one shard
     ds = ray.data.from_items([{"shard": s.url} for s in shards], override_num_blocks=len(shards))
