@@ -76,7 +76,9 @@ def test_encoder_pool_and_gpu_nodes_scale_out_with_the_backlog(autoscaling_clust
     large_jpeg_shards(tmp_path / "shards")
     out = tmp_path / "out"
     cfg = job_config(tiny_models, f"{tmp_path}/shards/{{00000..{N_SHARDS - 1:05d}}}.tar", str(out),
-                     "encoder.actors=1..3", "encoder.num_gpus=1", "encoder.device=cpu", "encoder.num_cpus=0.5",
+                     # min 2 on a cluster with 1 GPU: the second actor waits for a node the autoscaler adds,
+                     # whatever the timing; the backlog may grow the pool to 3
+                     "encoder.actors=2..3", "encoder.num_gpus=1", "encoder.device=cpu", "encoder.num_cpus=0.5",
                      "encoder.batch_size=4", "read.decode_on=encoder", "read.num_cpus=0.5", "read.batch_size=10")
     gpu_nodes_at_start = ray.cluster_resources().get("GPU", 0)
     with encoder_placement(every_s=0.5) as placement:
