@@ -17,14 +17,11 @@ alone). On CPU, PIL stands in for nvJPEG: the same code, decoder aside, which is
 from __future__ import annotations
 
 import io
-import logging
 
 import numpy as np
 from PIL import Image
 
 from pipeline.preprocess import MAX_EXACT_ASPECT, SampleError, decode_image, resize_geometry
-
-log = logging.getLogger(__name__)
 
 EXIF_ORIENTATION = 0x0112
 JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"

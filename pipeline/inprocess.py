@@ -9,7 +9,6 @@ Figures measured this way are labelled "without Ray".
 from __future__ import annotations
 
 import collections
-import logging
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -24,8 +23,6 @@ from pipeline.config import JobCfg
 from pipeline.preprocess import preprocess
 from pipeline.progress import SteadyClock
 from pipeline.read import read_shards
-
-log = logging.getLogger(__name__)
 
 
 def read_workers(cfg: JobCfg) -> int:
