@@ -65,17 +65,24 @@ class DeviceDecoder:
             self.backend = "pil"  # stands in for nvJPEG where there is no GPU: CI and CPU-only nodes
         self.on_device = self.on_cpu = 0  # images decoded each way, for the benchmark's report
 
-    def __call__(self, payloads: list[bytes]):
+    def __call__(self, payloads: list[bytes], eligible: list[bool] | None = None):
+        """`eligible`: device_decodable for each image where the caller has it already (the job's read tasks
+        check the headers, off the encoder's cores)."""
         import torch
 
-        images = torch.zeros((len(payloads), 3, self.size, self.size), dtype=torch.uint8, device=self.device)
-        errors: list[str | None] = [None] * len(payloads)
-        eligible = [i for i, p in enumerate(payloads) if device_decodable(p, self.size, self.max_pixels)]
+        if eligible is None:
+            eligible = [device_decodable(p, self.size, self.max_pixels) for p in payloads]
+        chosen = [i for i, ok in enumerate(eligible) if ok]
+        # resized images stay float32 until all are in: one round + clamp + cast for the batch, not three
+        # kernel launches per image (elementwise, so the same pixels)
+        resized = torch.zeros((len(payloads), 3, self.size, self.size), dtype=torch.float32, device=self.device)
         done = set()
-        for i, image in zip(eligible, self.decode_jpegs([payloads[i] for i in eligible])):
+        for i, image in zip(chosen, self.decode_jpegs([payloads[i] for i in chosen])):
             if image is not None:
-                images[i] = self.resize_center_crop(image)
+                resized[i] = self.resize_center_crop(image)
                 done.add(i)
+        images = resized.round_().clamp_(0, 255).to(torch.uint8)
+        errors: list[str | None] = [None] * len(payloads)
         exact = [i for i in range(len(payloads)) if i not in done]
         for i in exact:
             try:
@@ -116,12 +123,12 @@ class DeviceDecoder:
                 for p in payloads]
 
     def resize_center_crop(self, image):
-        """The exact path's resize (preprocess.resize_center_crop) with torch's bicubic + antialias kernel."""
+        """The exact path's resize (preprocess.resize_center_crop) with torch's bicubic + antialias kernel:
+        3 x size x size float32, not yet rounded to 8 bit."""
         import torch
 
         _, height, width = image.shape
         new_w, new_h, top, left = resize_geometry(width, height, self.size)
         resized = torch.nn.functional.interpolate(image[None].float(), size=(new_h, new_w), mode="bicubic",
                                                   antialias=True, align_corners=False)
-        crop = resized[0, :, top : top + self.size, left : left + self.size]
-        return crop.round_().clamp_(0, 255).to(torch.uint8)
+        return resized[0, :, top : top + self.size, left : left + self.size]

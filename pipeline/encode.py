@@ -239,7 +239,9 @@ class Encoder:
             ids_col = batch.column("input_ids").combine_chunks()
             input_ids = ids_col.flatten().to_numpy().reshape(n, -1)
             if self.decoder is not None:
-                images, decode_errors = self.decoder(batch.column("image").take(pa.array(todo)).to_pylist())
+                rows = pa.array(todo)
+                images, decode_errors = self.decoder(batch.column("image").take(rows).to_pylist(),
+                                                     batch.column("device_ok").take(rows).to_pylist())
                 for i, error in zip(todo, decode_errors):
                     errors[i] = error
                 decoded = np.flatnonzero([e is None for e in decode_errors])
@@ -282,7 +284,7 @@ def embedded_table(batch: pa.Table, ok: np.ndarray, image_emb: np.ndarray, text_
     positions = batch.column("position").to_numpy()
     status = np.where(ok, STATUS_OK, STATUS_ERROR).astype(object)
     status[positions < 0] = None  # marker rows are not samples
-    inputs = [name for name in ("pixels", "image", "input_ids") if name in batch.column_names]
+    inputs = [name for name in ("pixels", "image", "device_ok", "input_ids") if name in batch.column_names]
     return batch.drop_columns(inputs).append_column(
         "status", pa.array(status, pa.string())).append_column(
         "image_embedding", vectors(image_emb)).append_column(

@@ -30,8 +30,9 @@ Image.MAX_IMAGE_PIXELS = None
 def prepared_schema(image_size: int, decode_on: str = "tasks") -> pa.Schema:
     """Rows from the read tasks to the encoder: decoded pixels (decode_on=tasks) or the image's own bytes
     (decode_on=encoder, decoded on the encoder's device)."""
-    image = (("pixels", pa.binary(image_size * image_size * 3)) if decode_on == "tasks"  # HxWx3 uint8
-             else ("image", pa.binary()))
+    images = ([("pixels", pa.binary(image_size * image_size * 3))] if decode_on == "tasks"  # HxWx3 uint8
+              # device_ok: device_decode.device_decodable, checked here to spare the encoder's cores
+              else [("image", pa.binary()), ("device_ok", pa.bool_())])
     return pa.schema([
         ("key", pa.string()),
         ("shard", pa.string()),
@@ -40,7 +41,7 @@ def prepared_schema(image_size: int, decode_on: str = "tasks") -> pa.Schema:
         ("url", pa.string()),
         ("error", pa.string()),
         ("warning", pa.string()),
-        image,
+        *images,
         ("input_ids", pa.list_(pa.int32(), MAX_TEXT_TOKENS)),
         ("shard_samples", pa.int64()),
         ("shard_error", pa.string()),
@@ -217,7 +218,7 @@ def preprocess(batch: pa.Table, cfg: JobCfg, tokenizer: tuple[str, str | None]) 
 
     schema = prepared_schema(size, cfg.read.decode_on)
     image_field = schema.field("pixels" if on_tasks else "image")
-    return pa.table({
+    columns = {
         "key": batch.column("key"),
         "shard": batch.column("shard"),
         "position": batch.column("position"),
@@ -229,4 +230,10 @@ def preprocess(batch: pa.Table, cfg: JobCfg, tokenizer: tuple[str, str | None]) 
         "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(input_ids.reshape(-1), pa.int32()), MAX_TEXT_TOKENS),
         "shard_samples": batch.column("shard_samples"),
         "shard_error": batch.column("shard_error"),
-    }, schema=schema)
+    }
+    if not on_tasks:
+        from pipeline.device_decode import device_decodable
+
+        columns["device_ok"] = pa.array([image is not None and device_decodable(image, size, cfg.read.max_image_pixels)
+                                         for image in images], pa.bool_())
+    return pa.table({name: columns[name] for name in schema.names}, schema=schema)
