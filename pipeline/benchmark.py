@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline.config import JobCfg, actor_range
+from pipeline.config import JobCfg, actor_range, resolve_actors
 from pipeline.demo import real_photographs, write_tar_shard
 from pipeline.preprocess import decode_caption, decode_image, load_tokenizer, resolve_tokenizer, tokenize
 from pipeline.read import RawSample, read_shard
@@ -352,6 +352,20 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
                   fidelity_photos: int) -> dict:
     from pipeline.encode import decide_random_weights
 
+    started = time.perf_counter()
+    if use_ray:
+        import ray
+
+        from pipeline.run import init_ray
+
+        if not ray.is_initialized():
+            init_ray(None, cfg.ray.num_cpus)
+        cfg = resolve_actors(cfg, ray.cluster_resources())
+    else:  # no cluster: this machine is all there is
+        import torch
+
+        cfg = resolve_actors(cfg, {"CPU": cfg.ray.num_cpus or os.cpu_count() or 1, "GPU": torch.cuda.device_count()})
+    ray_start_s = time.perf_counter() - started
     n_shards = max(1, pairs // per_shard)
     shards = make_benchmark_shards(cache / f"shards-v2-{per_shard}", n_shards, per_shard)
     random_weights = decide_random_weights(cfg)
@@ -368,15 +382,7 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
                                  "processes, the encoder in the benchmark's own process")
     texts = [caption(np.random.default_rng(i)) for i in range(cfg.encoder.batch_size)]
     input_ids = tokenize(load_tokenizer(*tokenizer), texts)
-    started = time.perf_counter()
-    if use_ray:
-        import ray
-
-        from pipeline.run import init_ray
-
-        if not ray.is_initialized():
-            init_ray(None, cfg.ray.num_cpus)
-    report["ray_start_s"] = round(time.perf_counter() - started, 3)
+    report["ray_start_s"] = round(ray_start_s, 3)
 
     def configured(precision: str, placement: str = "tasks") -> JobCfg:
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, precision=precision),

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DECODE_PLACEMENTS = ("tasks", "encoder")
+AUTO_ACTORS = "auto"  # encoder.actors sized from the Ray cluster (resolve_actors)
 EMBEDDING_DTYPES = ("float16", "float32")
 
 
@@ -64,8 +65,10 @@ class ReadCfg:
 
 @dataclass(frozen=True)
 class EncoderCfg:
-    # encoder actors: a number (a fixed pool, one per GPU on a GPU cluster) or a range "min..max": an
-    # autoscaling pool that grows while batches queue up (and the cluster autoscaler adds GPU nodes for it)
+    # encoder actors: a number (a fixed pool, one per GPU on a GPU cluster), a range "min..max" (an
+    # autoscaling pool that grows while batches queue up, and the cluster autoscaler adds GPU nodes for it),
+    # or auto: one per GPU (num_gpus > 0) or one per CPU (num_gpus = 0) of the Ray cluster the job runs on,
+    # counted when the job starts (a local run: the local Ray's, so every core of this machine)
     actors: int | str = 1
     # GPUs reserved per actor; 0 runs the towers on CPU
     num_gpus: float = 0.0
@@ -215,10 +218,10 @@ def _coerce(hint, value, where: str):
             return {k: str(v) for k, v in value.items()}
         raise ValueError(f"{where}: expected a mapping of label names to values, got {value!r}")
     union = get_origin(hint) in (Union, types.UnionType)
-    if union and set(get_args(hint)) == {int, str}:  # a count or a "min..max" range: validated later
+    if union and set(get_args(hint)) == {int, str}:  # a count, a "min..max" range or auto: validated later
         if isinstance(value, (int, str)) and not isinstance(value, bool):
             return value
-        raise ValueError(f"{where}: expected a number or a range min..max, got {value!r}")
+        raise ValueError(f"{where}: expected a number, a range min..max or auto, got {value!r}")
     optional = union and type(None) in get_args(hint)
     if value is None:
         if optional:
@@ -261,7 +264,7 @@ def validate(cfg: JobCfg) -> None:
         "ray.progress_interval_s": cfg.ray.progress_interval_s,
     }
     validate_positive(positive)
-    max_actors = actor_range(cfg.encoder.actors)[1]
+    max_actors = None if cfg.encoder.actors == AUTO_ACTORS else actor_range(cfg.encoder.actors)[1]
     if cfg.read.decode_on not in DECODE_PLACEMENTS:
         raise ValueError(f"read.decode_on: expected one of {', '.join(DECODE_PLACEMENTS)}, got {cfg.read.decode_on!r}")
     non_negative = {
@@ -280,16 +283,45 @@ def validate(cfg: JobCfg) -> None:
         raise ValueError("model.precision: fp16 needs a GPU (encoder.num_gpus > 0); use fp32 or bf16 on CPU")
     if cfg.ray.num_cpus is not None and cfg.ray.num_cpus < 1:
         raise ValueError(f"ray.num_cpus: must be >= 1, got {cfg.ray.num_cpus}")
-    if cfg.ray.num_cpus is not None and cfg.ray.address is None:
-        # an actor pool that reserves every CPU starves the read tasks: Ray then waits forever, silently
-        needed = max_actors * cfg.encoder.num_cpus
-        if needed >= cfg.ray.num_cpus:
-            raise ValueError(f"encoder.actors x encoder.num_cpus = {needed:g} reserves all {cfg.ray.num_cpus} CPUs "
-                             "of the local Ray (ray.num_cpus); leave room for the read tasks")
+    if cfg.ray.num_cpus is not None and cfg.ray.address is None and max_actors is not None:
+        check_room_for_reads(max_actors, cfg.encoder.num_cpus, cfg.ray.num_cpus, "of the local Ray (ray.num_cpus)")
+
+
+def check_room_for_reads(actors: int, cpus_per_actor: float, cpus: float, where: str) -> None:
+    # an actor pool that reserves every CPU starves the read tasks: Ray then waits forever, silently
+    needed = actors * cpus_per_actor
+    if needed >= cpus:
+        raise ValueError(f"encoder.actors x encoder.num_cpus = {needed:g} reserves all {cpus:g} CPUs {where}; "
+                         "leave room for the read tasks")
+
+
+def resolve_actors(cfg: JobCfg, resources: dict[str, float]) -> JobCfg:
+    """cfg with encoder.actors=auto replaced by a number: one actor per GPU (encoder.num_gpus > 0) or per
+    CPU of `resources`, the Ray cluster's (ray.cluster_resources()): never the driver's own hardware on a
+    cluster. Other values pass through."""
+    if cfg.encoder.actors != AUTO_ACTORS:
+        return cfg
+    if cfg.encoder.num_gpus > 0:
+        gpus = resources.get("GPU", 0)
+        actors = int(gpus // cfg.encoder.num_gpus)
+        if actors < 1:
+            raise ValueError(f"encoder.actors=auto: the Ray cluster has {gpus:g} GPUs, fewer than one actor's "
+                             f"encoder.num_gpus={cfg.encoder.num_gpus:g}; set encoder.actors to a number or a range")
+        unit = f"one per {cfg.encoder.num_gpus:g} GPU of the Ray cluster's {gpus:g}"
+    else:
+        cpus = resources.get("CPU", 0)
+        actors = max(1, int(cpus))
+        check_room_for_reads(actors, cfg.encoder.num_cpus, cpus, "of the Ray cluster (encoder.actors=auto)")
+        unit = f"one per CPU of the Ray cluster's {cpus:g}"
+    log.info("encoder.actors=auto: %d actors (%s)", actors, unit)
+    return dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, actors=actors))
 
 
 def actor_range(actors: int | str) -> tuple[int, int]:
-    """(min, max) encoder actors: 8 -> (8, 8); "1..8" -> (1, 8). Raises ValueError naming the field."""
+    """(min, max) encoder actors: 8 -> (8, 8); "1..8" -> (1, 8). Raises ValueError naming the field.
+    encoder.actors=auto must be resolved first (resolve_actors)."""
+    if actors == AUTO_ACTORS:
+        raise ValueError("encoder.actors=auto is sized from the Ray cluster: resolve_actors() first")
     if isinstance(actors, int):
         low = high = actors
     else:
@@ -297,7 +329,7 @@ def actor_range(actors: int | str) -> tuple[int, int]:
         try:
             low, high = (int(low_text), int(high_text)) if sep else (int(actors),) * 2
         except ValueError:
-            raise ValueError(f"encoder.actors: expected a number or a range min..max (e.g. 1..8), "
+            raise ValueError(f"encoder.actors: expected a number, a range min..max (e.g. 1..8) or auto, "
                              f"got {actors!r}") from None
     if low < 1 or high < low:
         raise ValueError(f"encoder.actors: need 1 <= min <= max, got {actors!r}")

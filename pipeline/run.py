@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import ray
 
 from pipeline import storage
-from pipeline.config import JobCfg, actor_range
+from pipeline.config import JobCfg, actor_range, resolve_actors
 from ray.data import ActorPoolStrategy
 
 from pipeline.encode import Encoder, decide_random_weights
@@ -90,6 +90,7 @@ class ShardProgress:
 def run_embed_job(cfg: JobCfg) -> dict:
     """Embed every uncommitted shard of cfg.input into cfg.output; return the run summary."""
     started = time.time()
+    cfg = resolve_actors(cfg, ray.cluster_resources())
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     shards = list_shards(cfg)
     storage.check_writable(cfg.output, cfg.storage)

@@ -1,5 +1,6 @@
 """Config errors are clear ValueErrors naming the field, before Ray starts."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,10 +31,10 @@ def test_yaml_and_overrides(tmp_path):
     ("model.precision=fp8", "model.precision: expected one of auto, fp32, fp16, bf16"),
     ("write.embedding_dtype=bfloat16", "write.embedding_dtype"),
     ("encoder.actors=0", "encoder.actors: need 1 <= min <= max, got 0"),
-    ("encoder.actors=two", "encoder.actors: expected a number or a range min..max (e.g. 1..8), got 'two'"),
+    ("encoder.actors=two", "encoder.actors: expected a number, a range min..max (e.g. 1..8) or auto, got 'two'"),
     ("encoder.actors=8..2", "encoder.actors: need 1 <= min <= max, got '8..2'"),
-    ("encoder.actors=1...8", "encoder.actors: expected a number or a range"),
-    ("encoder.actors=true", "encoder.actors: expected a number or a range min..max, got True"),
+    ("encoder.actors=1...8", "encoder.actors: expected a number, a range"),
+    ("encoder.actors=true", "encoder.actors: expected a number, a range min..max or auto, got True"),
     ("read.decode_on=gpu", "read.decode_on: expected one of tasks, encoder, got 'gpu'"),
     ("read.node_labels=[cpu]", "read.node_labels: expected a mapping of label names to values"),
     ("encoder.batches_in_flight=0", "encoder.batches_in_flight: must be > 0"),
@@ -130,3 +131,39 @@ def test_demo_config_never_writes_over_real_data(tmp_path):
     fresh = load_config(REPO / "configs" / "demo.yaml", [f"input={tmp_path}/new/{{00000..00001}}.tar"])
     assert [p.name for p in make_demo_shards(fresh)] == ["00000.tar", "00001.tar"]
     assert (tmp_path / "new" / "00001.tar").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("overrides, resources, actors", [
+    (["encoder.actors=auto", "encoder.num_cpus=0.5"], {"CPU": 2.0}, 2),           # the demo on 2 cores
+    (["encoder.actors=auto", "encoder.num_cpus=0.5"], {"CPU": 16.0, "GPU": 1}, 16),  # CPU towers: GPUs ignored
+    (["encoder.actors=auto", "encoder.num_gpus=1"], {"CPU": 96.0, "GPU": 8.0}, 8),  # one per GPU
+    (["encoder.actors=auto", "encoder.num_gpus=0.5"], {"CPU": 96.0, "GPU": 8.0}, 16),
+    (["encoder.actors=3", "encoder.num_gpus=1"], {"CPU": 96.0, "GPU": 8.0}, 3),     # a number stays
+    (["encoder.actors=2..6"], {"CPU": 96.0}, "2..6"),
+])
+def test_auto_actors_are_sized_from_the_ray_clusters_resources(overrides, resources, actors):
+    from pipeline.config import resolve_actors
+
+    cfg = load_config(None, [*BASE, *overrides])
+    assert resolve_actors(cfg, resources).encoder.actors == actors
+
+
+@pytest.mark.parametrize("overrides, resources, message", [
+    (["encoder.num_gpus=1"], {"CPU": 16.0}, "encoder.actors=auto: the Ray cluster has 0 GPUs"),
+    (["encoder.num_cpus=1"], {"CPU": 4.0}, "encoder.actors x encoder.num_cpus = 4 reserves all 4 CPUs"),
+])
+def test_auto_actors_that_cannot_fit_are_a_clear_error(overrides, resources, message):
+    from pipeline.config import resolve_actors
+
+    cfg = load_config(None, [*BASE, "encoder.actors=auto", *overrides])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve_actors(cfg, resources)
+
+
+def test_the_demo_uses_every_core_with_one_single_threaded_actor_each():
+    from pipeline.config import resolve_actors
+
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    assert cfg.ray.num_cpus is None and cfg.ray.address is None  # a local Ray over every core
+    assert cfg.encoder.torch_threads == 1 and cfg.encoder.num_gpus == 0
+    assert resolve_actors(cfg, {"CPU": 12.0}).encoder.actors == 12
