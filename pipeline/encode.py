@@ -136,7 +136,9 @@ def quiet_transformers(errors_only: bool = True):
 class Encoder:
     """Ray Data actor: loads the towers once, then embeds batches of prepared rows."""
 
-    def __init__(self, cfg: JobCfg, random_weights: bool = False):
+    def __init__(self, cfg: JobCfg, random_weights: bool = False, texts: bool = True):
+        """texts=False: image embeddings only (the evaluation job embeds its texts apart); text embeddings
+        and similarity are then zeros."""
         import torch
 
         torch.set_num_threads(cfg.encoder.torch_threads)
@@ -152,6 +154,7 @@ class Encoder:
             log.warning("model.precision=bf16 on a CPU without bf16 instructions (AVX512-BF16 / AMX): torch "
                         "emulates it, many times slower than fp32; use fp32 here")
         self.embedding_dtype = np.float16 if cfg.write.embedding_dtype == "float16" else np.float32
+        self.texts = texts
         self.text_model, self.image_model = (m.to(self.device) for m in load_towers(cfg, random_weights))
         self.mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
@@ -249,8 +252,10 @@ class Encoder:
                     images, todo = images[torch.as_tensor(decoded, device=images.device)], todo[decoded]
             else:
                 images = self.pixels(batch)[todo]
-            if len(todo):
+            if len(todo) and self.texts:
                 image_emb[todo], text_emb[todo], similarity[todo] = self.embed(images, input_ids[todo])
+            elif len(todo):
+                image_emb[todo] = self.embed_images(images).cpu().numpy()
         ok = np.zeros(n, bool)
         ok[todo] = True
         if self.decoder is not None:

@@ -8,16 +8,22 @@ embeddings (Chinese templates), and an image's prediction is the nearest class.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from pipeline import storage
-from pipeline.config import EncoderCfg, JobCfg, ModelCfg, ReadCfg, StorageCfg, _build, read_raw
-from pipeline.preprocess import decode_caption, decode_image, load_tokenizer, tokenize
-from pipeline.read import IMAGE_EXTENSIONS, RawSample, read_shard
+from pipeline.config import (EncoderCfg, JobCfg, ModelCfg, ReadCfg, StorageCfg, WriteCfg, _build, read_raw,
+                             resolve_actors)
+from pipeline.preprocess import load_tokenizer, preprocess, tokenize
+from pipeline.read import CAPTION_EXTENSION, LABEL_EXTENSION, RawSample, read_shard, read_shards
+from pipeline.schema import EMBEDDING_DIM, STATUS_OK
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +54,8 @@ class EvalCfg:
     def job_cfg(self) -> JobCfg:
         """The embed job's config with the same model, read and encoder settings (for shared code paths)."""
         return JobCfg(input=self.retrieval or self.zeroshot or "", output=self.output or "(none)", model=self.model,
-                      read=self.read, encoder=self.encoder, storage=self.storage)
+                      read=self.read, encoder=self.encoder, storage=self.storage,
+                      write=WriteCfg(embedding_dtype="float32"))  # metrics from full-precision embeddings
 
 
 def load_eval_config(path, overrides=()) -> EvalCfg:
@@ -87,8 +94,8 @@ def zeroshot_accuracy(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.n
 
 # ---- embedding the evaluation data ----
 
-class EvalEncoder:
-    """A Ray actor around the pipeline's Encoder: images and texts separately."""
+class TextEncoder:
+    """A Ray actor around the pipeline's Encoder for the captions and prompts (images go through the pool)."""
 
     def __init__(self, cfg: JobCfg, random_weights: bool, tokenizer: tuple[str, str | None]):
         from pipeline.encode import Encoder
@@ -96,39 +103,43 @@ class EvalEncoder:
         self.encoder, self.tokenizer = Encoder(cfg, random_weights), load_tokenizer(*tokenizer)
         self.batch_size = cfg.encoder.batch_size
 
-    def images(self, pixels: np.ndarray) -> np.ndarray:
-        return np.concatenate([self.encoder.embed_images(pixels[i: i + self.batch_size]).cpu().numpy()
-                               for i in range(0, len(pixels), self.batch_size)] or [np.zeros((0, 512), np.float32)])
-
     def texts(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, EMBEDDING_DIM), np.float32)
         ids = tokenize(self.tokenizer, texts)
         return np.concatenate([self.encoder.embed_texts(ids[i: i + self.batch_size]).cpu().numpy()
                                for i in range(0, len(ids), self.batch_size)])
 
 
-def _samples(url_pattern: str, cfg: JobCfg) -> list[RawSample]:
-    from pipeline.shards import list_shards
+@dataclass
+class EvalSample:
+    shard: str
+    position: int
+    key: str
+    group: str                 # samples of one image share it (retrieval)
+    captions: list[str]        # the .txt's non-empty lines (retrieval)
+    label: int | None          # the .cls class index (zero-shot)
 
-    shards = list_shards(JobCfg(input=url_pattern, output="unused", model=cfg.model, read=cfg.read,
-                                encoder=cfg.encoder, storage=cfg.storage))
+
+def shard_metadata(url: str, cfg: JobCfg) -> list[EvalSample]:
+    """Everything but the image of one evaluation shard's samples (a Ray task per shard; no decoding)."""
     samples = []
-    for shard in shards:
-        for item in read_shard(shard.url, cfg):
-            if isinstance(item, RawSample):
-                samples.append(item)
-            elif item[1]:
-                raise ValueError(f"evaluation shard {shard.url}: {item[1]}")
+    for item in read_shard(url, cfg):
+        if not isinstance(item, RawSample):
+            if item[1]:
+                raise ValueError(f"evaluation shard {url}: {item[1]}")
+            continue
+        text = item.members.get(CAPTION_EXTENSION)
+        label = item.members.get(LABEL_EXTENSION)
+        samples.append(EvalSample(
+            url, item.position, item.key, _image_group(item),
+            [line.strip() for line in text.decode("utf-8-sig").splitlines() if line.strip()] if text else [],
+            int(label.decode().strip()) if label and label.strip().isdigit() else None))
     return samples
 
 
-def _pixels(sample: RawSample, cfg: JobCfg) -> np.ndarray:
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample.members), None)
-    if ext is None:
-        raise ValueError(f"evaluation sample {sample.key} has no image")
-    return decode_image(sample.members[ext], cfg.read.image_size, cfg.read.max_image_pixels)
-
-
 def _image_group(sample: RawSample) -> str:
+    """image_id, else url, of KEY.json; else the key: captions of one image share it."""
     import json
 
     if "json" in sample.members:
@@ -141,47 +152,94 @@ def _image_group(sample: RawSample) -> str:
     return sample.key
 
 
-def evaluate(cfg: EvalCfg) -> dict:
-    from pipeline.preprocess import resolve_tokenizer
-    from pipeline.encode import decide_random_weights
+def eval_samples(url_pattern: str, cfg: JobCfg) -> list[EvalSample]:
+    from pipeline.shards import list_shards
 
-    job = cfg.job_cfg()
+    urls = [s.url for s in list_shards(dataclasses.replace(cfg, input=url_pattern))]
+    task = ray.remote(num_cpus=cfg.read.num_cpus)(shard_metadata)
+    return [sample for shard in ray.get([task.remote(url, cfg) for url in urls]) for sample in shard]
+
+
+def read_images(batch: pa.Table, cfg: JobCfg, tokenizer: tuple[str, str | None]):
+    """The embed job's CPU stage (read_shards + preprocess) for images alone: the caption column is a
+    placeholder, so that an image without a .txt (zero-shot sets) is embedded rather than an error."""
+    for raw in read_shards(batch, cfg):
+        placeholder = pa.array([b"-"] * raw.num_rows, pa.binary())
+        yield preprocess(raw.set_column(raw.schema.get_field_index("caption"), "caption", placeholder),
+                         cfg, tokenizer)
+
+
+def image_embeddings(cfg: JobCfg, urls: list[str], random_weights: bool,
+                     tokenizer: tuple[str, str | None]) -> dict[tuple[str, int], np.ndarray]:
+    """{(shard, position): float32 image embedding} of every sample: decoded by CPU tasks and encoded by the
+    encoder pool, the embed job's own stages (run.embedding_dataset). A sample that fails is an error:
+    metrics over a silently smaller set would mislead."""
+    from pipeline.run import embedding_dataset
+
+    ds = embedding_dataset(cfg, urls, random_weights, tokenizer, read_stage=read_images, texts=False)
+    embeddings = {}
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        batch = batch.filter(pc.greater_equal(batch.column("position"), 0))
+        vectors = batch.column("image_embedding").combine_chunks()
+        for i, (shard, position, key, status, error) in enumerate(zip(
+                *(batch.column(name).to_pylist() for name in ("shard", "position", "key", "status", "error")))):
+            if status != STATUS_OK:
+                raise ValueError(f"evaluation sample {key} in {shard}: {error}")
+            embeddings[shard, position] = np.asarray(vectors[i].values.to_numpy(), np.float32)
+    return embeddings
+
+
+def evaluate(cfg: EvalCfg) -> dict:
+    from pipeline.encode import decide_random_weights
+    from pipeline.preprocess import resolve_tokenizer
+
+    job = resolve_actors(cfg.job_cfg(), ray.cluster_resources())
     random_weights = decide_random_weights(job)
     tokenizer = resolve_tokenizer(job, random_weights)
-    actor = ray.remote(num_cpus=cfg.encoder.num_cpus, num_gpus=cfg.encoder.num_gpus)(EvalEncoder).remote(
-        job, random_weights, tokenizer)
     result = {"model": {"text": cfg.model.text, "image": cfg.model.image, "random_weights": random_weights}}
-    if cfg.retrieval:
-        samples = _samples(cfg.retrieval, job)
-        groups, pixels, captions, text_image = {}, [], [], []
-        for sample in samples:
-            group = _image_group(sample)
-            if group not in groups:
-                groups[group] = len(pixels)
-                pixels.append(_pixels(sample, job))
-            for line in decode_caption(sample.members.get("txt")).splitlines():
-                if line.strip():
-                    captions.append(line.strip())
-                    text_image.append(groups[group])
-        image_emb = ray.get(actor.images.remote(np.stack(pixels)))
-        text_emb = ray.get(actor.texts.remote(captions))
-        result["retrieval"] = {"images": len(pixels), "captions": len(captions),
-                               **retrieval_recall(image_emb, text_emb, np.array(text_image))}
+    retrieval = eval_samples(cfg.retrieval, job) if cfg.retrieval else []
+    for sample in retrieval:
+        if not sample.captions:
+            raise ValueError(f"retrieval: sample {sample.key} in {sample.shard} has no caption (KEY.txt)")
+    zeroshot = eval_samples(cfg.zeroshot, job) if cfg.zeroshot else []
+
+    # the texts first, in one actor that is gone before the encoder pool asks for the GPUs
+    captions = [caption for sample in retrieval for caption in sample.captions]
     if cfg.zeroshot:
         classes = _lines(cfg.classes, cfg.storage)
         templates = _lines(cfg.templates, cfg.storage) if cfg.templates else DEFAULT_TEMPLATES
         prompts = [t.format(c) for c in classes for t in templates]
-        prompt_emb = ray.get(actor.texts.remote(prompts)).reshape(len(classes), len(templates), -1)
-        class_emb = prompt_emb.mean(1)
-        class_emb /= np.linalg.norm(class_emb, axis=1, keepdims=True)
-        samples = _samples(cfg.zeroshot, job)
-        labels = np.array([int(s.members["cls"].decode().strip()) if "cls" in s.members else -1 for s in samples])
+        labels = np.array([-1 if s.label is None else s.label for s in zeroshot])
         if (labels < 0).any() or (labels >= len(classes)).any():
             raise ValueError("zeroshot: every sample needs a KEY.cls with a class index into `classes`")
-        image_emb = ray.get(actor.images.remote(np.stack([_pixels(s, job) for s in samples])))
-        result["zeroshot"] = {"images": len(samples), "classes": len(classes), "templates": len(templates),
-                              **zeroshot_accuracy(image_emb, class_emb, labels)}
+    else:
+        prompts = []
+    actor = ray.remote(num_cpus=job.encoder.num_cpus, num_gpus=job.encoder.num_gpus)(TextEncoder).remote(
+        job, random_weights, tokenizer)
+    text_emb, prompt_emb = ray.get([actor.texts.remote(captions), actor.texts.remote(prompts)])
     ray.kill(actor)
+
+    started = time.perf_counter()
+    urls = list(dict.fromkeys(s.shard for s in retrieval + zeroshot))
+    images = image_embeddings(job, urls, random_weights, tokenizer)
+    result["images"] = {"embedded": len(images), "encoder_actors": job.encoder.actors,
+                        "images_per_s": round(len(images) / (time.perf_counter() - started), 2)}
+    if cfg.retrieval:
+        groups: dict[str, int] = {}
+        firsts, text_image = [], []
+        for sample in retrieval:
+            if sample.group not in groups:
+                groups[sample.group] = len(firsts)
+                firsts.append(images[sample.shard, sample.position])
+            text_image += [groups[sample.group]] * len(sample.captions)
+        result["retrieval"] = {"images": len(firsts), "captions": len(captions),
+                               **retrieval_recall(np.stack(firsts), text_emb, np.array(text_image))}
+    if cfg.zeroshot:
+        class_emb = prompt_emb.reshape(len(classes), len(templates), -1).mean(1)
+        class_emb /= np.linalg.norm(class_emb, axis=1, keepdims=True)
+        image_emb = np.stack([images[s.shard, s.position] for s in zeroshot])
+        result["zeroshot"] = {"images": len(zeroshot), "classes": len(classes), "templates": len(templates),
+                              **zeroshot_accuracy(image_emb, class_emb, labels)}
     return result
 
 

@@ -56,16 +56,23 @@ def ray_resources(cfg: JobCfg) -> dict:
 
 def build_dataset(cfg: JobCfg, shards: list[Shard], run_id: str, random_weights: bool,
                   tokenizer: tuple[str, str | None]) -> ray.data.Dataset:
+    ds = embedding_dataset(cfg, [s.url for s in shards], random_weights, tokenizer)
+    return ds.map_batches(write_parts, batch_format="pyarrow", batch_size=None,
+                          fn_kwargs={"cfg": cfg, "run_id": run_id}, **ray_resources(cfg)["write"])
+
+
+def embedding_dataset(cfg: JobCfg, urls: list[str], random_weights: bool, tokenizer: tuple[str, str | None],
+                      read_stage=None, texts: bool = True) -> ray.data.Dataset:
+    """Shard URLs -> read + preprocess (CPU tasks) -> the Encoder pool: the flow up to the embedding rows.
+    The evaluation job sends its images through it too, with its own read stage and `texts=False`."""
     resources = ray_resources(cfg)
     ray.data.DataContext.get_current().wait_for_min_actors_s = cfg.encoder.wait_for_actors_s
     # one shard per block, so shards are read in parallel and a failed read retries one shard
-    ds = ray.data.from_items([{"shard": s.url} for s in shards], override_num_blocks=len(shards))
-    ds = ds.map_batches(read_and_preprocess, batch_format="pyarrow", batch_size=None,
+    ds = ray.data.from_items([{"shard": url} for url in urls], override_num_blocks=len(urls))
+    ds = ds.map_batches(read_stage or read_and_preprocess, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"cfg": cfg, "tokenizer": tokenizer}, **resources["read"])
-    ds = ds.map_batches(Encoder, batch_format="pyarrow",
-                        fn_constructor_kwargs={"cfg": cfg, "random_weights": random_weights}, **resources["encode"])
-    return ds.map_batches(write_parts, batch_format="pyarrow", batch_size=None,
-                          fn_kwargs={"cfg": cfg, "run_id": run_id}, **resources["write"])
+    return ds.map_batches(Encoder, batch_format="pyarrow", fn_constructor_kwargs={
+        "cfg": cfg, "random_weights": random_weights, "texts": texts}, **resources["encode"])
 
 
 def read_and_preprocess(batch, cfg: JobCfg, tokenizer: tuple[str, str | None]):

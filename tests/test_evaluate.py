@@ -104,3 +104,22 @@ def test_eval_job_matches_the_reference_path(local_ray, tiny_models, tmp_path):
     assert metrics["zeroshot"]["top1"] == pytest.approx(expected_zs["top1"])
     assert metrics["zeroshot"]["top5"] == pytest.approx(expected_zs["top5"])
     assert metrics["zeroshot"]["images"] == 8 and metrics["zeroshot"]["classes"] == 3
+
+
+def test_eval_images_take_the_embed_jobs_stages_and_a_broken_one_is_named(local_ray, tiny_models, tmp_path):
+    """Zero-shot shards have no .txt: their images are still embedded (by the read tasks and the encoder pool);
+    an image that cannot be decoded stops the evaluation with its key and the pipeline's reason."""
+    images = [encode_image(rgb_image(120 + 20 * i, 150, seed=i), "JPEG") for i in range(4)]
+    members = [m for n in range(4) for m in ((f"z{n}.jpg", images[n]), (f"z{n}.cls", str(n % 2).encode()))]
+    write_tar_shard(tmp_path / "ok.tar", members)
+    (tmp_path / "classes.txt").write_text("猫\n狗\n", encoding="utf-8")
+    text, image = tiny_models
+    base = [f"classes={tmp_path}/classes.txt", f"model.text={text}", f"model.image={image}",
+            "encoder.batch_size=2", "encoder.torch_threads=1", "encoder.num_cpus=0.5", "encoder.actors=2"]
+    metrics = evaluate(load_eval_config(None, [f"zeroshot={tmp_path}/ok.tar", *base]))
+    assert metrics["zeroshot"]["images"] == 4 and metrics["images"]["embedded"] == 4
+    assert metrics["images"]["encoder_actors"] == 2 and metrics["images"]["images_per_s"] > 0
+
+    write_tar_shard(tmp_path / "broken.tar", members[:2] + [("z9.jpg", b"\xff\xd8 not a jpeg"), ("z9.cls", b"1")])
+    with pytest.raises(ValueError, match=r"evaluation sample z9 in .*broken\.tar: image_decode_failed"):
+        evaluate(load_eval_config(None, [f"zeroshot={tmp_path}/broken.tar", *base]))
