@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipeline import storage
+from pipeline import storage, tables
 from pipeline.config import StorageCfg, _build, validate_positive
 from pipeline.read import positioned_members
 from pipeline.schema import STATUS_OK
@@ -78,38 +78,7 @@ def load_filter_config(path, overrides=()) -> FilterCfg:
 
 
 def embedding_files(cfg: FilterCfg) -> list[str]:
-    fs, path = storage.filesystem(cfg.embeddings, cfg.storage)
-    folder = storage.join(path, "embeddings")
-    if not fs.exists(folder):
-        raise ValueError(f"embeddings: {cfg.embeddings} has no embeddings/ folder (is it the embed job's output?)")
-    files = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet"))
-    if not files:
-        raise ValueError(f"embeddings: no committed tables in {storage.unstrip(fs, folder)}")
-    return [storage.unstrip(fs, p) for p in files]
-
-
-def embedding_models(url: str, storage_cfg: StorageCfg) -> dict:
-    """Which models (and whether random weights) produced the scores, from the table's metadata."""
-    from pipeline.schema import METADATA_KEY, read_metadata
-
-    fs, path = storage.filesystem(url, storage_cfg)
-    with fs.open(path, "rb") as f:
-        schema = pq.read_schema(f)
-    meta = read_metadata(schema) if METADATA_KEY in (schema.metadata or {}) else {}  # not written by our job
-    return {k: meta.get(k) for k in ("text_model", "text_revision", "image_model", "image_revision",
-                                     "random_weights")}
-
-
-def _read(url: str, storage_cfg: StorageCfg, columns: list[str]) -> pa.Table:
-    fs, path = storage.filesystem(url, storage_cfg)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
-
-
-def _ok_similarities(url: str, storage_cfg: StorageCfg) -> np.ndarray:
-    table = _read(url, storage_cfg, ["status", "similarity"])
-    ok = table.filter(pc.equal(table.column("status"), STATUS_OK))
-    return ok.column("similarity").to_numpy(zero_copy_only=False).astype(np.float64)
+    return tables.embedding_files(cfg.embeddings, cfg.storage)
 
 
 def _bin_of(values: np.ndarray) -> np.ndarray:
@@ -126,7 +95,7 @@ def exact_top_threshold(files: list[str], cfg: FilterCfg) -> tuple[float, int, i
     def histogram(batch):
         counts = np.zeros(HISTOGRAM_BINS, np.int64)
         for url in batch["file"]:
-            np.add.at(counts, _bin_of(_ok_similarities(url, cfg.storage)), 1)
+            np.add.at(counts, _bin_of(tables.ok_similarities(url, cfg.storage)), 1)
         return {"counts": [counts]}
 
     counts = np.sum(np.stack(list(files_ds.map_batches(histogram, batch_size=1, num_cpus=cfg.num_cpus)
@@ -140,7 +109,7 @@ def exact_top_threshold(files: list[str], cfg: FilterCfg) -> tuple[float, int, i
     above = int(counts[target_bin + 1:].sum())
 
     def values_in_bin(batch):
-        values = np.concatenate([_ok_similarities(url, cfg.storage) for url in batch["file"]])
+        values = np.concatenate([tables.ok_similarities(url, cfg.storage) for url in batch["file"]])
         return {"values": [values[_bin_of(values) == target_bin]]}
 
     in_bin = np.sort(np.concatenate(list(files_ds.map_batches(values_in_bin, batch_size=1, num_cpus=cfg.num_cpus)
@@ -164,10 +133,10 @@ class ShardResult:
 
 def filter_table(url: str, threshold: float, cfg: FilterCfg) -> dict:
     """One embedding table: its keep-list (and filtered shard), atomically, unless already written."""
-    name = url.rstrip("/").rsplit("/", 1)[-1][: -len(".parquet")]
+    name = tables.table_name(url)
     fs, out = storage.filesystem(cfg.output, cfg.storage)
     keep_path = storage.join(out, "keep", f"{name}.parquet")
-    table = _read(url, cfg.storage, ["key", "shard", "position", "status", "error", "similarity"])
+    table = tables.read_table(url, cfg.storage, ["key", "shard", "position", "status", "error", "similarity"])
     ok_mask = pc.equal(table.column("status"), STATUS_OK)
     keep_mask = pc.and_(ok_mask, pc.greater_equal(table.column("similarity"), pa.scalar(threshold, pa.float32())))
     kept = table.filter(keep_mask)
@@ -234,7 +203,7 @@ def run_filter_job(cfg: FilterCfg) -> dict:
         "shards": {r["shard"]: {k: r[k] for k in ("name", "rows", "ok", "kept", "errors_by_reason")}
                    for r in results},
         "embeddings": cfg.embeddings, "write_shards": cfg.write_shards,
-        "models": embedding_models(files[0], cfg.storage),
+        "models": tables.embedding_models(files[0], cfg.storage),
     }
     fs, out = storage.filesystem(cfg.output, cfg.storage)
     storage.write_atomically(fs, storage.join(out, "summary.json"),

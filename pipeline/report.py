@@ -16,6 +16,7 @@ from PIL import Image
 from pipeline import storage
 from pipeline.read import IMAGE_EXTENSIONS, positioned_members
 from pipeline.schema import STATUS_OK
+from pipeline.tables import read_table
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +25,7 @@ THUMB_SIDE = 192
 
 def band_candidates(url: str, threshold: float, per_band: int, storage_cfg) -> dict:
     """This table's lowest, nearest-to-threshold and highest ok pairs: merged on the driver into global bands."""
-    from pipeline.curate import _read
-
-    table = _read(url, storage_cfg, ["key", "shard", "position", "status", "caption", "similarity"])
+    table = read_table(url, storage_cfg, ["key", "shard", "position", "status", "caption", "similarity"])
     ok = table.filter(pc.equal(table.column("status"), STATUS_OK))
     rows = ok.select(["key", "shard", "position", "caption", "similarity"]).to_pylist()
     by_score = sorted(rows, key=lambda r: r["similarity"])
