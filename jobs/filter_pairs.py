@@ -41,6 +41,8 @@ def main(argv=None) -> int:
         return 2
     report = {k: summary[k] for k in ("rule", "threshold", "pairs", "ok", "errors", "kept", "dropped",
                                       "kept_fraction_of_ok", "shards_skipped_already_written")}
+    if summary["duplicates"]:
+        report["duplicates"] = {k: summary["duplicates"][k] for k in ("near_duplicate", "matches_reference", "groups")}
     print("summary: " + json.dumps(report, ensure_ascii=False), flush=True)
     return 0
 

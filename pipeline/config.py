@@ -217,6 +217,16 @@ def _coerce(hint, value, where: str):
                                            and not isinstance(v, bool) for k, v in value.items()):
             return {k: str(v) for k, v in value.items()}
         raise ValueError(f"{where}: expected a mapping of label names to values, got {value!r}")
+    if get_origin(hint) is list:  # one or more strings: a YAML list, one string, or null for none
+        if isinstance(value, str) and value.strip().startswith("["):  # from --set: 'dedup_against=[a, b]'
+            value = yaml.safe_load(value)
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ValueError(f"{where}: expected a string or a list of strings, got {value!r}")
     union = get_origin(hint) in (Union, types.UnionType)
     if union and set(get_args(hint)) == {int, str}:  # a count, a "min..max" range or auto: validated later
         if isinstance(value, (int, str)) and not isinstance(value, bool):

@@ -23,6 +23,8 @@ import ray
 
 from pipeline import storage, tables
 from pipeline.config import StorageCfg, _build, validate_positive
+from pipeline.dedup import (MATCHES_REFERENCE, NEAR_DUPLICATE, dropped_positions, find_duplicates,
+                             write_duplicates)
 from pipeline.read import positioned_members
 from pipeline.schema import STATUS_OK
 
@@ -51,6 +53,16 @@ class FilterCfg:
     report: bool = True
     # thumbnails per similarity band in the report's gallery
     gallery_per_band: int = 8
+    # near-duplicate images: ok pairs whose image embeddings have cosine >= this, in (0, 1], form groups and
+    # each group keeps its highest-similarity pair (pipeline/dedup.py); null: off. Applied before the rule.
+    dedup_threshold: float | None = None
+    # embed job output folders (e.g. evaluation sets): ok pairs whose image has cosine >= dedup_threshold
+    # with one of theirs are dropped
+    dedup_against: list[str] = field(default_factory=list)
+    # ok pairs per exact-search partition; inputs of at most this many ok pairs are searched exactly
+    dedup_partition_size: int = 200_000
+    # partitions each pair is assigned to beyond that size: more find more duplicates, with more work
+    dedup_probes: int = 2
     # CPUs per filtering task
     num_cpus: float = 0.5
     storage: StorageCfg = field(default_factory=StorageCfg)
@@ -73,12 +85,32 @@ def load_filter_config(path, overrides=()) -> FilterCfg:
         raise ValueError(f"min_similarity: a cosine, in [-1, 1]; got {cfg.min_similarity}")
     if cfg.keep_top_fraction is not None and not 0.0 < cfg.keep_top_fraction <= 1.0:
         raise ValueError(f"keep_top_fraction: must be in (0, 1], got {cfg.keep_top_fraction}")
-    validate_positive({"gallery_per_band": cfg.gallery_per_band, "num_cpus": cfg.num_cpus})
+    validate_positive({"gallery_per_band": cfg.gallery_per_band, "num_cpus": cfg.num_cpus,
+                       "dedup_probes": cfg.dedup_probes, "dedup_partition_size": cfg.dedup_partition_size})
+    if cfg.dedup_threshold is not None and not 0.0 < cfg.dedup_threshold <= 1.0:
+        raise ValueError(f"dedup_threshold: a cosine in (0, 1], or null for no dedup; got {cfg.dedup_threshold}")
+    if cfg.dedup_against and cfg.dedup_threshold is None:
+        raise ValueError("dedup_against: needs dedup_threshold (the cosine at which an image matches a reference)")
     return cfg
 
 
 def embedding_files(cfg: FilterCfg) -> list[str]:
     return tables.embedding_files(cfg.embeddings, cfg.storage)
+
+
+def survivors(url: str, cfg: FilterCfg, columns: list[str]) -> tuple[pa.Table, pa.Array]:
+    """One table's `columns` and the mask of its ok pairs that dedup did not drop (the rule's candidates)."""
+    table = tables.read_table(url, cfg.storage, list(dict.fromkeys([*columns, "position", "status"])))
+    mask = pc.equal(table.column("status"), STATUS_OK)
+    if cfg.dedup_threshold is not None:
+        dropped = pa.array(sorted(dropped_positions(cfg.output, tables.table_name(url), cfg.storage)), pa.int64())
+        mask = pc.and_(mask, pc.invert(pc.is_in(table.column("position"), value_set=dropped)))
+    return table, mask
+
+
+def _candidate_similarities(url: str, cfg: FilterCfg) -> np.ndarray:
+    table, mask = survivors(url, cfg, ["similarity"])
+    return table.filter(mask).column("similarity").to_numpy(zero_copy_only=False).astype(np.float64)
 
 
 def _bin_of(values: np.ndarray) -> np.ndarray:
@@ -95,7 +127,7 @@ def exact_top_threshold(files: list[str], cfg: FilterCfg) -> tuple[float, int, i
     def histogram(batch):
         counts = np.zeros(HISTOGRAM_BINS, np.int64)
         for url in batch["file"]:
-            np.add.at(counts, _bin_of(tables.ok_similarities(url, cfg.storage)), 1)
+            np.add.at(counts, _bin_of(_candidate_similarities(url, cfg)), 1)
         return {"counts": [counts]}
 
     counts = np.sum(np.stack(list(files_ds.map_batches(histogram, batch_size=1, num_cpus=cfg.num_cpus)
@@ -109,7 +141,7 @@ def exact_top_threshold(files: list[str], cfg: FilterCfg) -> tuple[float, int, i
     above = int(counts[target_bin + 1:].sum())
 
     def values_in_bin(batch):
-        values = np.concatenate([tables.ok_similarities(url, cfg.storage) for url in batch["file"]])
+        values = np.concatenate([_candidate_similarities(url, cfg) for url in batch["file"]])
         return {"values": [values[_bin_of(values) == target_bin]]}
 
     in_bin = np.sort(np.concatenate(list(files_ds.map_batches(values_in_bin, batch_size=1, num_cpus=cfg.num_cpus)
@@ -126,6 +158,7 @@ class ShardResult:
     rows: int = 0
     ok: int = 0
     kept: int = 0
+    duplicates: int = 0
     errors_by_reason: dict = field(default_factory=dict)
     histogram: list = field(default_factory=list)
     skipped: bool = False
@@ -136,14 +169,14 @@ def filter_table(url: str, threshold: float, cfg: FilterCfg) -> dict:
     name = tables.table_name(url)
     fs, out = storage.filesystem(cfg.output, cfg.storage)
     keep_path = storage.join(out, "keep", f"{name}.parquet")
-    table = tables.read_table(url, cfg.storage, ["key", "shard", "position", "status", "error", "similarity"])
+    table, candidates = survivors(url, cfg, ["key", "shard", "position", "status", "error", "similarity"])
     ok_mask = pc.equal(table.column("status"), STATUS_OK)
-    keep_mask = pc.and_(ok_mask, pc.greater_equal(table.column("similarity"), pa.scalar(threshold, pa.float32())))
+    keep_mask = pc.and_(candidates, pc.greater_equal(table.column("similarity"), pa.scalar(threshold, pa.float32())))
     kept = table.filter(keep_mask)
     similarities = table.filter(ok_mask).column("similarity").to_numpy(zero_copy_only=False)
     result = ShardResult(
         shard=table.column("shard")[0].as_py() if table.num_rows else url, name=name, rows=table.num_rows,
-        ok=len(similarities), kept=kept.num_rows,
+        ok=len(similarities), kept=kept.num_rows, duplicates=len(similarities) - pc.sum(candidates).as_py(),
         errors_by_reason=dict(collections.Counter(e.split(":", 1)[0] for e in table.column("error").to_pylist() if e)),
         histogram=np.histogram(similarities, bins=REPORT_BINS, range=(-1, 1))[0].tolist())
     if fs.exists(keep_path) and not cfg.overwrite:
@@ -177,6 +210,13 @@ def filtered_shard(shard_url: str, keep_keys: set[str], keep_positions: set[int]
 
 def run_filter_job(cfg: FilterCfg) -> dict:
     files = embedding_files(cfg)
+    dedup = None
+    if cfg.dedup_threshold is not None:  # first: the rule then applies to the survivors
+        found, dedup = find_duplicates(files, cfg.dedup_threshold, cfg.dedup_against, cfg.storage,
+                                       cfg.dedup_partition_size, cfg.dedup_probes, cfg.num_cpus)
+        write_duplicates(found, cfg.output, cfg.storage)
+        log.info("dedup at cosine >= %g: %d near-duplicates dropped (%d groups), %d matches of reference images",
+                 cfg.dedup_threshold, dedup[NEAR_DUPLICATE], dedup["groups"], dedup[MATCHES_REFERENCE])
     if cfg.keep_top_fraction is not None:
         threshold, expected_kept, ok_pairs = exact_top_threshold(files, cfg)
         log.info("keep_top_fraction=%g of %d ok pairs: cut-off similarity %.6f", cfg.keep_top_fraction, ok_pairs,
@@ -199,8 +239,10 @@ def run_filter_job(cfg: FilterCfg) -> dict:
         "threshold": threshold, "pairs": rows, "ok": ok, "errors": rows - ok, "kept": kept,
         "dropped": rows - kept, "kept_fraction_of_ok": round(kept / ok, 6) if ok else None,
         "errors_by_reason": dict(reasons),
+        "duplicates": None if dedup is None else {
+            "threshold": cfg.dedup_threshold, "against": cfg.dedup_against, **dedup},
         "similarity_histogram": {"bins": REPORT_BINS, "range": [-1, 1], "counts": histogram},
-        "shards": {r["shard"]: {k: r[k] for k in ("name", "rows", "ok", "kept", "errors_by_reason")}
+        "shards": {r["shard"]: {k: r[k] for k in ("name", "rows", "ok", "duplicates", "kept", "errors_by_reason")}
                    for r in results},
         "embeddings": cfg.embeddings, "write_shards": cfg.write_shards,
         "models": tables.embedding_models(files[0], cfg.storage),
