@@ -220,8 +220,9 @@ def find_duplicates(files: list[str], threshold: float, references: list[str], s
         keepers.setdefault(labels[i], i)
     keeper = np.array([keepers[label] for label in labels], dtype=np.int64)
     members = np.flatnonzero(keeper != np.arange(len(nodes)))
-    cosines = _cosines_to_keepers(row_refs, nodes, members, keeper)
-    for i, cosine in zip(members, cosines):
+    # cos(member, its group's kept pair); every node is one or the other, so _node_meta has both vectors
+    cosines = np.sum(meta["vector"][members] * meta["vector"][keeper[members]], axis=1)
+    for i, cosine in zip(members, cosines.tolist()):
         k = keeper[i]
         dropped[int(nodes[i])] = (NEAR_DUPLICATE, meta["key"][k], shards[int(nodes[k] >> TABLE_BITS)], cosine)
     groups = len(keepers)
@@ -232,14 +233,17 @@ def find_duplicates(files: list[str], threshold: float, references: list[str], s
             for pid, w, cosine in zip(ids, which, best):
                 dropped[int(pid)] = (MATCHES_REFERENCE, ref["key"][w], ref["shard"][w], float(cosine))
     out = {}
-    keys_of = ray.get([_keys_by_id.remote(r, [p for p in dropped if p >> TABLE_BITS == t])
-                       for t, r in enumerate(row_refs)])
+    ids = np.array(sorted(dropped), dtype=np.int64)
+    tables_of = ids >> TABLE_BITS
     for t, url in enumerate(files):
-        rows = [(keys_of[t][pid][0], shards[t], keys_of[t][pid][1], *dropped[pid])
-                for pid in sorted(keys_of[t], key=lambda p: keys_of[t][p][1])]
-        out[tables.table_name(url)] = pa.table(
-            {name: [row[i] for row in rows] for i, name in enumerate(DUPLICATES_SCHEMA.names)},
-            schema=DUPLICATES_SCHEMA)
+        mine = ids[tables_of == t]
+        found = ray.get(_take.remote(row_refs[t], mine)) if len(mine) else {"key": [], "position": []}
+        records = [(key, shards[t], int(pos), *dropped[pid])
+                   for key, pos, pid in zip(found["key"], found["position"], mine.tolist())]
+        records.sort(key=lambda r: r[2])  # in shard order
+        out[tables.table_name(url)] = pa.table({name: [r[i] for r in records]
+                                                for i, name in enumerate(DUPLICATES_SCHEMA.names)},
+                                               schema=DUPLICATES_SCHEMA)
     reasons = [reason for reason, *_ in dropped.values()]
     counts = {NEAR_DUPLICATE: reasons.count(NEAR_DUPLICATE), MATCHES_REFERENCE: reasons.count(MATCHES_REFERENCE),
               "groups": groups, "ok_pairs_searched": n, "search": search}
@@ -251,15 +255,9 @@ def _row_info(rows: dict) -> tuple[int, str | None]:
     return len(rows["id"]), rows["shard"]
 
 
-@ray.remote
-def _keys_by_id(rows: dict, ids: list[int]) -> dict[int, tuple[str, int]]:
-    index = {int(pid): i for i, pid in enumerate(rows["id"])}
-    return {pid: (rows["key"][index[pid]], int(rows["position"][index[pid]])) for pid in ids}
-
-
 def _node_meta(row_refs: list, nodes: np.ndarray) -> dict[str, np.ndarray]:
     meta = {"similarity": np.zeros(len(nodes), np.float32), "position": np.zeros(len(nodes), np.int64),
-            "key": np.empty(len(nodes), dtype=object)}
+            "key": np.empty(len(nodes), dtype=object), "vector": np.zeros((len(nodes), EMBEDDING_DIM), np.float32)}
     tables_of = nodes >> TABLE_BITS
     for t in np.unique(tables_of):
         rows = ray.get(_take.remote(row_refs[t], nodes[tables_of == t]))
@@ -272,20 +270,6 @@ def _node_meta(row_refs: list, nodes: np.ndarray) -> dict[str, np.ndarray]:
 def _take(rows: dict, ids: np.ndarray) -> dict[str, np.ndarray]:
     at = np.searchsorted(rows["id"], ids)
     return {name: rows[name][at] for name in ("similarity", "position", "key", "vector")}
-
-
-def _cosines_to_keepers(row_refs: list, nodes: np.ndarray, members: np.ndarray, keeper: np.ndarray) -> list:
-    """cos(member, its group's kept pair) for every dropped member."""
-    if len(members) == 0:
-        return []
-    wanted = np.unique(np.concatenate([nodes[members], nodes[keeper[members]]]))
-    tables_of = wanted >> TABLE_BITS
-    vectors = np.zeros((len(wanted), EMBEDDING_DIM), np.float32)
-    for t in np.unique(tables_of):
-        vectors[tables_of == t] = ray.get(_take.remote(row_refs[t], wanted[tables_of == t]))["vector"]
-    m = vectors[np.searchsorted(wanted, nodes[members])]
-    k = vectors[np.searchsorted(wanted, nodes[keeper[members]])]
-    return [float(c) for c in np.sum(m * k, axis=1)]
 
 
 def reference_vectors(folders: list[str], storage_cfg: StorageCfg) -> dict:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import StorageCfg
-from pipeline.schema import METADATA_KEY, STATUS_OK, read_metadata
+from pipeline.schema import METADATA_KEY, read_metadata
 
 
 def embedding_files(embeddings: str, storage_cfg: StorageCfg, field: str = "embeddings") -> list[str]:
@@ -35,12 +34,6 @@ def read_table(url: str, storage_cfg: StorageCfg, columns: list[str]) -> pa.Tabl
     fs, path = storage.filesystem(url, storage_cfg)
     with fs.open(path, "rb") as f:
         return pq.read_table(f, columns=columns)
-
-
-def ok_similarities(url: str, storage_cfg: StorageCfg) -> np.ndarray:
-    table = read_table(url, storage_cfg, ["status", "similarity"])
-    ok = table.filter(pc.equal(table.column("status"), STATUS_OK))
-    return ok.column("similarity").to_numpy(zero_copy_only=False).astype(np.float64)
 
 
 def embedding_models(url: str, storage_cfg: StorageCfg) -> dict:
