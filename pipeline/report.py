@@ -9,28 +9,105 @@ import logging
 import tarfile
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 from PIL import Image
 
 from pipeline import storage
+from pipeline.dedup import MATCHES_REFERENCE, NEAR_DUPLICATE, dropped_positions
 from pipeline.read import IMAGE_EXTENSIONS, positioned_members
 from pipeline.schema import STATUS_OK
-from pipeline.tables import read_table
+from pipeline.shards import shard_name
+from pipeline.tables import embedding_files, read_table, table_name
 
 log = logging.getLogger(__name__)
 
 THUMB_SIDE = 192
 
 
-def band_candidates(url: str, threshold: float, per_band: int, storage_cfg) -> dict:
-    """This table's lowest, nearest-to-threshold and highest ok pairs: merged on the driver into global bands."""
-    table = read_table(url, storage_cfg, ["key", "shard", "position", "status", "caption", "similarity"])
+def band_candidates(url: str, threshold: float, per_band: int, cfg) -> dict:
+    """This table's lowest, nearest-to-threshold and highest ok pairs that dedup left to the rule: merged on the
+    driver into global bands."""
+    table = read_table(url, cfg.storage, ["key", "shard", "position", "status", "caption", "similarity"])
     ok = table.filter(pc.equal(table.column("status"), STATUS_OK))
+    if cfg.dedup_threshold is not None:
+        dropped = pa.array(sorted(dropped_positions(cfg.output, table_name(url), cfg.storage)), pa.int64())
+        ok = ok.filter(pc.invert(pc.is_in(ok.column("position"), dropped)))
     rows = ok.select(["key", "shard", "position", "caption", "similarity"]).to_pylist()
     by_score = sorted(rows, key=lambda r: r["similarity"])
     near = sorted(rows, key=lambda r: abs(r["similarity"] - threshold))
     return {"lowest": by_score[:per_band], "threshold": near[:per_band], "highest": by_score[::-1][:per_band]}
+
+
+def duplicate_rows(url: str, per_reason: int, storage_cfg) -> dict[str, list[dict]]:
+    """The first rows of one duplicates/{shard}.parquet per reason: merged on the driver into the galleries."""
+    fs, path = storage.filesystem(url, storage_cfg)
+    with fs.open(path, "rb") as f:
+        rows = pq.read_table(f).to_pylist()
+    return {reason: [r for r in rows if r["reason"] == reason][:per_reason]
+            for reason in (NEAR_DUPLICATE, MATCHES_REFERENCE)}
+
+
+def pair_rows(url: str, positions: list[int], keys: list[str], storage_cfg) -> list[dict]:
+    """Rows of one embedding table at `positions`, and its ok rows with `keys` (a kept pair or a reference image
+    is named by key): key, shard, position, caption, similarity."""
+    table = read_table(url, storage_cfg, ["key", "shard", "position", "status", "caption", "similarity"])
+    wanted = pc.or_(pc.is_in(table.column("position"), pa.array(positions, pa.int64())),
+                    pc.and_(pc.is_in(table.column("key"), pa.array(keys, pa.string())),
+                            pc.equal(table.column("status"), STATUS_OK)))
+    return table.filter(wanted).drop_columns(["status"]).to_pylist()
+
+
+def duplicate_galleries(cfg, files: list[str], per_band: int) -> dict:
+    """Up to `per_band` near-duplicate groups (largest first: the kept pair, then the dropped ones) and
+    reference matches (closest first: the dropped pair, then the reference image), every pair with its
+    shard, position, caption and similarity."""
+    fs, out = storage.filesystem(cfg.output, cfg.storage)
+    found = [storage.unstrip(fs, p) for p in sorted(fs.ls(storage.join(out, "duplicates"), detail=False))]
+    task = ray.remote(num_cpus=cfg.num_cpus)
+    parts = ray.get([task(duplicate_rows).remote(u, 4 * per_band, cfg.storage) for u in found])
+    groups: dict[tuple, list[dict]] = {}
+    for part in parts:
+        for r in part[NEAR_DUPLICATE]:
+            groups.setdefault((r["match_shard"], r["match_key"]), []).append(r)
+    chosen = sorted(groups.items(), key=lambda g: (-len(g[1]), g[0]))[:per_band]
+    matches = sorted((r for part in parts for r in part[MATCHES_REFERENCE]), key=lambda r: -r["cosine"])[:per_band]
+
+    # the tables that hold each shown pair: ours by shard name, the references' in the dedup_against folders
+    table_of = {table_name(u): u for u in files}
+    for folder in cfg.dedup_against:
+        table_of.update({table_name(u): u for u in embedding_files(folder, cfg.storage, field="dedup_against")})
+    wanted: dict[str, tuple[set, set]] = {}
+    for (kept_shard, kept_key), members in chosen:
+        wanted.setdefault(kept_shard, (set(), set()))[1].add(kept_key)
+        for r in members:
+            wanted.setdefault(r["shard"], (set(), set()))[0].add(r["position"])
+    for r in matches:
+        wanted.setdefault(r["shard"], (set(), set()))[0].add(r["position"])
+        wanted.setdefault(r["match_shard"], (set(), set()))[1].add(r["match_key"])
+    shards = [s for s in wanted if shard_name(s) in table_of]
+    fetched = ray.get([task(pair_rows).remote(table_of[shard_name(s)], sorted(wanted[s][0]), sorted(wanted[s][1]),
+                                               cfg.storage) for s in shards])
+    by_position = {(s, r["position"]): r for s, rows in zip(shards, fetched) for r in rows}
+    by_key = {}
+    for s, rows in zip(shards, fetched):
+        for r in rows:
+            by_key.setdefault((s, r["key"]), r)
+
+    def pair(shard, position=None, key=None, **extra):
+        r = by_position.get((shard, position)) if key is None else by_key.get((shard, key))
+        fallback = {"key": key, "shard": shard, "position": position, "caption": None, "similarity": None}
+        return {**(r or fallback), **extra}
+
+    return {
+        "groups": [[pair(shard, key=key, verdict="kept")]
+                   + [pair(r["shard"], r["position"], verdict="dropped", cosine=r["cosine"]) for r in members]
+                   for (shard, key), members in chosen],
+        "references": [[pair(r["shard"], r["position"], verdict="dropped", cosine=r["cosine"]),
+                        pair(r["match_shard"], key=r["match_key"], verdict="reference")] for r in matches],
+    }
 
 
 def thumbnails(shard_url: str, positions: list[int], storage_cfg) -> dict[int, bytes]:
@@ -116,7 +193,7 @@ def _png(fig) -> bytes:
 def write_report(cfg, summary: dict, files: list[str], threshold: float) -> str:
     """Write {output}/report/: index.html, histogram/shards/errors PNGs, gallery thumbnails. Returns its URL."""
     per_band = cfg.gallery_per_band
-    parts = ray.get([ray.remote(num_cpus=cfg.num_cpus)(band_candidates).remote(f, threshold, per_band, cfg.storage)
+    parts = ray.get([ray.remote(num_cpus=cfg.num_cpus)(band_candidates).remote(f, threshold, per_band, cfg)
                      for f in files])
     bands = {
         "lowest": sorted((r for p in parts for r in p["lowest"]), key=lambda r: r["similarity"])[:per_band],
@@ -124,10 +201,12 @@ def write_report(cfg, summary: dict, files: list[str], threshold: float) -> str:
                             key=lambda r: abs(r["similarity"] - threshold))[:per_band],
         "highest": sorted((r for p in parts for r in p["highest"]), key=lambda r: -r["similarity"])[:per_band],
     }
+    galleries = duplicate_galleries(cfg, files, per_band) if summary["duplicates"] else {}
     wanted: dict[str, set[int]] = {}
-    for rows in bands.values():
+    for rows in [*bands.values(), *galleries.get("groups", []), *galleries.get("references", [])]:
         for r in rows:
-            wanted.setdefault(r["shard"], set()).add(r["position"])
+            if r["position"] is not None:
+                wanted.setdefault(r["shard"], set()).add(r["position"])
     shards = list(wanted)
     fetched = ray.get([ray.remote(num_cpus=cfg.num_cpus)(thumbnails).remote(s, sorted(wanted[s]), cfg.storage)
                        for s in shards])
@@ -141,7 +220,7 @@ def write_report(cfg, summary: dict, files: list[str], threshold: float) -> str:
     for i, ((shard, position), data) in enumerate(sorted(thumbs.items())):
         names[(shard, position)] = f"thumbs/{i:04d}.jpg"
         storage.write_atomically(fs, storage.join(folder, names[(shard, position)]), data)
-    page = render_html(summary, threshold, bands, names)
+    page = render_html(summary, threshold, bands, names, galleries)
     storage.write_atomically(fs, storage.join(folder, "index.html"), page.encode("utf-8"))
     url = storage.unstrip(fs, storage.join(folder, "index.html"))
     log.info("report written to %s", url)
@@ -152,33 +231,62 @@ BAND_TITLES = {"lowest": "Lowest similarity (dropped first)", "threshold": "Arou
                "highest": "Highest similarity"}
 
 
-def render_html(summary: dict, threshold: float, bands: dict, thumbs: dict) -> str:
+def card(r: dict, verdict: str, thumbs: dict, note: str = "") -> str:
+    """One pair: thumbnail, similarity, verdict (kept | dropped | reference), caption, key."""
+    esc = html.escape
+    src = thumbs.get((r["shard"], r["position"]))
+    image = f'<img src="{esc(src)}" alt="{esc(str(r["key"]))}">' if src else '<div class="noimg">no image</div>'
+    score = f'<b>{r["similarity"]:.4f}</b> ' if r["similarity"] is not None else ""
+    return (f'<figure class="{verdict}">{image}<figcaption>{score}<span class="verdict">{verdict}</span>{note}'
+            f'<br>{esc(r["caption"] or "")}<br><small>{esc(str(r["key"]))}</small></figcaption></figure>')
+
+
+def duplicates_html(summary: dict, galleries: dict, thumbs: dict) -> str:
+    if not summary["duplicates"]:
+        return ""
+    dups = summary["duplicates"]
+    groups = "".join(
+        '<div class="band">' + "".join(card(r, r["verdict"], thumbs, f' · cos {r["cosine"]:.4f} to the kept'
+                                            if "cosine" in r else "") for r in group) + "</div>"
+        for group in galleries["groups"]) or "<p>No near-duplicates.</p>"
+    references = "".join(
+        '<div class="band">' + card(dropped, "dropped", thumbs, f' · cos {dropped["cosine"]:.4f}')
+        + card(reference, "reference", thumbs) + "</div>"
+        for dropped, reference in galleries["references"]) or "<p>No matches of reference images.</p>"
+    return f"""<h2>Near-duplicates</h2>
+<p>Image cosine &gt;= {dups["threshold"]}: {dups["near_duplicate"]} pairs dropped from {dups["groups"]} groups,
+each group keeping its highest-similarity pair (first in each row), and {dups["matches_reference"]} pairs dropped
+as matches of the reference images of <code>{html.escape(str(dups["against"]))}</code>.
+Look at these rows at a few thresholds before choosing one.</p>
+<h3>Groups (largest first)</h3>{groups}
+<h3>Matches of reference images (closest first: the dropped pair, then the reference)</h3>{references}
+"""
+
+
+def render_html(summary: dict, threshold: float, bands: dict, thumbs: dict, galleries: dict) -> str:
     esc = html.escape
     rule = ", ".join(f"{k} = {v}" for k, v in summary["rule"].items())
     kept = summary["kept_fraction_of_ok"]
     gallery = []
     for band, rows in bands.items():
-        cards = []
-        for r in rows:
-            src = thumbs.get((r["shard"], r["position"]))
-            verdict = "kept" if r["similarity"] >= threshold else "dropped"
-            image = f'<img src="{esc(src)}" alt="{esc(r["key"])}">' if src else '<div class="noimg">no image</div>'
-            cards.append(f'<figure class="{verdict}">{image}<figcaption><b>{r["similarity"]:.4f}</b> '
-                         f'<span class="verdict">{verdict}</span><br>{esc(r["caption"] or "")}'
-                         f'<br><small>{esc(r["key"])}</small></figcaption></figure>')
+        cards = [card(r, "kept" if r["similarity"] >= threshold else "dropped", thumbs) for r in rows]
         gallery.append(f'<h3>{BAND_TITLES[band]}</h3><div class="band">{"".join(cards)}</div>')
     stats = {"pairs": summary["pairs"], "ok": summary["ok"], "error rows": summary["errors"],
              "kept": summary["kept"], "dropped": summary["dropped"],
              "kept fraction of ok": f"{kept:.2%}" if kept is not None else "n/a", "threshold": f"{threshold:.6f}"}
+    if summary["duplicates"]:
+        stats["dropped as near-duplicates"] = summary["duplicates"][NEAR_DUPLICATE]
+        stats["dropped as matches of reference images"] = summary["duplicates"][MATCHES_REFERENCE]
     rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in stats.items())
     return f"""<!doctype html>
 <html lang="zh-CN"><head><meta charset="utf-8"><title>Curation report</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; }} th, td {{ padding: 2px 12px; text-align: left; }}
-.band {{ display: flex; flex-wrap: wrap; gap: 12px; }}
+.band {{ display: flex; flex-wrap: wrap; gap: 12px; margin-bottom: 16px; }}
 figure {{ width: 200px; margin: 0; padding: 6px; border: 3px solid #ccc; border-radius: 6px; }}
 figure.kept {{ border-color: #55a868; }} figure.dropped {{ border-color: #c44e52; }}
+figure.reference {{ border-color: #4c72b0; }}
 figure img {{ max-width: 192px; max-height: 192px; display: block; margin: auto; }}
 figcaption {{ font-size: 13px; margin-top: 4px; }} .noimg {{ height: 96px; background: #eee; }}
 </style></head>
@@ -195,6 +303,7 @@ Error rows are always dropped. Similarity scores are specific to the model that 
 <h2>Errors by reason</h2><img src="errors.png" alt="errors by reason">
 <h2>What the threshold drops</h2>
 {"".join(gallery)}
+{duplicates_html(summary, galleries, thumbs)}
 <script>
 // for headless checks: how many images decoded
 window.addEventListener("load", () => {{

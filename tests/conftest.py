@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
+import subprocess
 import threading
 from pathlib import Path
 
@@ -126,3 +129,20 @@ def encoder_placement(every_s: float = 0.2):
 def rgb_image(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--virtual-time-budget=5000", "--allow-file-access-from-files"]
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+
+
+def images_decoded_in_chromium(page: Path, profile: Path) -> tuple[int, int]:
+    """(images on the page, images the browser decoded), as the report's load handler counts them."""
+    dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    total = int(re.search(r'data-images-total="(\d+)"', dom.stdout).group(1))
+    loaded = int(re.search(r'data-images-loaded="(\d+)"', dom.stdout).group(1))
+    return total, loaded

@@ -1,21 +1,14 @@
 """The curation report opens in a real headless browser: the page loads, every image renders, a screenshot."""
 
-import re
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import job_config, make_shards
+from conftest import CHROMIUM, CHROMIUM_FLAGS, images_decoded_in_chromium, job_config, make_shards, needs_chromium
 from pipeline.curate import load_filter_config, run_filter_job
 from pipeline.run import run_embed_job
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--virtual-time-budget=5000", "--allow-file-access-from-files"]
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +35,15 @@ def test_report_files(report):
             assert plot.size[0] > 500 and np.asarray(plot.convert("L")).std() > 5
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+@needs_chromium
 def test_report_renders_in_headless_chromium(report, tmp_path):
     folder, _ = report
     url = (folder / "index.html").as_uri()
-    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", url],
-                         capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    total = int(re.search(r'data-images-total="(\d+)"', dom.stdout).group(1))
-    loaded = int(re.search(r'data-images-loaded="(\d+)"', dom.stdout).group(1))
+    total, loaded = images_decoded_in_chromium(folder / "index.html", tmp_path / "profile")
     assert total == 3 + 12 and loaded == total  # three plots and twelve thumbnails decoded by the browser
 
     shot = tmp_path / "report.png"
-    subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", f"--screenshot={shot}",
+    subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", f"--screenshot={shot}",
                     "--window-size=1280,2400", url], capture_output=True, timeout=120, check=True)
     with Image.open(shot) as image:
         pixels = np.asarray(image.convert("RGB"))
