@@ -46,7 +46,7 @@ def caption(rng: np.random.Generator) -> str:
 def photo_like(rng: np.random.Generator, photos: list[Image.Image]) -> Image.Image:
     """200-1000 px per side: random crops of real photographs, or generated scenes with texture and edges."""
     width, height = (int(v) for v in rng.integers(200, 1001, 2))
-    if rng.random() < 0.5:
+    if rng.random() < 0.5 and photos:  # without photos: always a generated scene
         photo = photos[rng.integers(len(photos))]
         w, h = photo.size
         cw, ch = int(w * rng.uniform(0.4, 1.0)), int(h * rng.uniform(0.4, 1.0))

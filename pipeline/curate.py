@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import tarfile
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,8 +24,7 @@ import ray
 
 from pipeline import storage, tables
 from pipeline.config import StorageCfg, _build, validate_positive
-from pipeline.dedup import (MATCHES_REFERENCE, NEAR_DUPLICATE, dropped_positions, find_duplicates,
-                             write_duplicates)
+from pipeline.dedup import MATCHES_REFERENCE, NEAR_DUPLICATE, dropped_positions, find_duplicates
 from pipeline.read import positioned_members
 from pipeline.schema import STATUS_OK
 
@@ -211,12 +211,13 @@ def filtered_shard(shard_url: str, keep_keys: set[str], keep_positions: set[int]
 def run_filter_job(cfg: FilterCfg) -> dict:
     files = embedding_files(cfg)
     dedup = None
+    dedup_started = time.monotonic()
     if cfg.dedup_threshold is not None:  # first: the rule then applies to the survivors
-        found, dedup = find_duplicates(files, cfg.dedup_threshold, cfg.dedup_against, cfg.storage,
-                                       cfg.dedup_partition_size, cfg.dedup_probes, cfg.num_cpus)
-        write_duplicates(found, cfg.output, cfg.storage)
+        dedup = find_duplicates(files, cfg.dedup_threshold, cfg.dedup_against, cfg.storage,
+                                cfg.dedup_partition_size, cfg.dedup_probes, cfg.num_cpus, cfg.output)
         log.info("dedup at cosine >= %g: %d near-duplicates dropped (%d groups), %d matches of reference images",
                  cfg.dedup_threshold, dedup[NEAR_DUPLICATE], dedup["groups"], dedup[MATCHES_REFERENCE])
+    dedup_s = round(time.monotonic() - dedup_started, 1)
     if cfg.keep_top_fraction is not None:
         threshold, expected_kept, ok_pairs = exact_top_threshold(files, cfg)
         log.info("keep_top_fraction=%g of %d ok pairs: cut-off similarity %.6f", cfg.keep_top_fraction, ok_pairs,
@@ -255,4 +256,4 @@ def run_filter_job(cfg: FilterCfg) -> dict:
 
         write_report(cfg, summary, files, threshold)
     # not in summary.json, which a rerun must reproduce byte for byte
-    return {**summary, "shards_skipped_already_written": sum(r["skipped"] for r in results)}
+    return {**summary, "shards_skipped_already_written": sum(r["skipped"] for r in results), "dedup_s": dedup_s}

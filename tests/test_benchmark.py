@@ -145,3 +145,38 @@ def test_memory_sampler_keeps_peaks_shorter_than_its_interval():
     # 320 MB were resident for a moment, between the samples: the high-water mark kept them
     assert memory.peak_rss[child.pid] >= 300e6
     assert memory.peak_rss_sum_bytes >= memory.peak_rss[child.pid]
+
+
+def run_dedup_benchmark_job(tmp_path, *args: str) -> dict:
+    out = tmp_path / "dedup.json"
+    result = subprocess.run([sys.executable, "jobs/benchmark_dedup.py", "--json", str(out), *args],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_dedup_benchmark_smoke(tmp_path):
+    report = run_dedup_benchmark_job(tmp_path, "--pairs", "20000", "--per-table", "2000", "--subset", "4000",
+                                     "--partition-size", "4000", "--num-cpus", "2")
+    assert report["pairs"] == 20000 and report["tables"] == 10
+    assert report["search"] == {"partitions": 10, "probes": 2, "exact": False}  # ceil(20000 x 2 / 4000)
+    planted = report["planted"]
+    # 10% copies, their cosines to the original spread over [0.93, 0.995]: some are below 0.95
+    assert planted["copies"] == 2000 and 1000 < planted["at_threshold"] < 2000
+    assert planted["recall"] >= 0.95 and report["subset"]["recall"] >= 0.95
+    assert report["subset"]["rows"] == 4000 and report["subset"]["pairs_at_threshold"] > 0
+    assert report["near_duplicates_dropped"] > 0 and report["groups"] > 0
+    for field in ("wall_s", "dedup_s", "peak_memory_gib_all_processes_pss", "peak_rss_gib_largest_process"):
+        assert report[field] > 0, field
+
+
+def test_copy_cosines_smoke(tmp_path):
+    from pipeline.dedup_benchmark import REPOSTS
+
+    report = run_dedup_benchmark_job(tmp_path, "--copy-cosines", "--photos", "4")
+    assert report["weights"].startswith("RANDOM") and report["photos"] == 4
+    assert set(report["copies"]) == set(REPOSTS)
+    for figures in report["copies"].values():
+        assert -1 <= figures["min"] <= figures["p5"] <= figures["median"] <= 1
+    # even random weights keep a re-encoded copy closer to its photo than distinct photos are to each other
+    assert report["copies"]["jpeg_q60"]["min"] > report["distinct_photos"]["median"]

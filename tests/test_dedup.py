@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.curate import load_filter_config, run_filter_job
-from pipeline.dedup import components, find_edges, search_partition
+from pipeline.config import StorageCfg
+from pipeline.dedup import components, find_edges, pair_id, search_partition
 from pipeline.schema import embedding_table_schema
 
 D = 512
@@ -133,23 +134,27 @@ def brute_force(ids, vectors, threshold):
     return set(zip(a.tolist(), b.tolist()))
 
 
-def test_partitioned_search_against_brute_force(local_ray):
-    import ray
-
+def test_partitioned_search_against_brute_force(local_ray, tmp_path):
     rng = np.random.default_rng(0)
     base = rng.normal(size=(1500, D)).astype(np.float32)
     copies = base[:300] + rng.normal(scale=0.15, size=(300, D)).astype(np.float32)  # planted near-copies
     vectors = np.concatenate([base, copies])
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    ids = np.arange(len(vectors), dtype=np.int64)
-    tables = [ray.put({"id": ids[i::3], "vector": vectors[i::3]}) for i in range(3)]
+    order = rng.permutation(len(vectors))  # copies spread over three tables
+    ids = []
+    for t in range(3):
+        rows = order[t::3]
+        write_table(tmp_path, f"s3://bucket/x/{t:05d}.tar", [row(str(i), vectors[i]) for i in rows])
+        ids.append(pair_id(t, np.arange(len(rows))))
+    ids, vectors = np.concatenate(ids), np.concatenate([vectors[order[t::3]] for t in range(3)])
+    files = [str(path) for path in sorted((tmp_path / "embeddings").glob("*.parquet"))]
     exact = brute_force(ids, vectors, T)
     assert len(exact) >= 290  # the copies are within T of their originals
-    (a, b, _), info = find_edges(tables, len(ids), T, partition_size=600, probes=2)
-    assert info == {"partitions": 6, "probes": 2, "exact": False}  # ceil(1800 x 2 / 600)
-    found = set(zip(a.tolist(), b.tolist()))
+    (a, b, _), info = find_edges(files, StorageCfg(), T, partition_size=600, probes=2, num_cpus=0.5)
+    assert (info["partitions"], info["probes"], info["exact"], info["ok_pairs"]) == (6, 2, False, 1800)
+    found = set(zip(a.tolist(), b.tolist()))  # ceil(1800 x 2 / 600) partitions
     assert found <= exact  # never a false edge
     assert len(found) / len(exact) >= 0.9, len(found) / len(exact)
     # the exact path: everything in one partition
-    (a, b, _), info = find_edges(tables, len(ids), T, partition_size=len(ids), probes=2)
+    (a, b, _), info = find_edges(files, StorageCfg(), T, partition_size=len(ids), probes=2, num_cpus=0.5)
     assert info["exact"] and set(zip(a.tolist(), b.tolist())) == exact

@@ -11,7 +11,8 @@ from PIL import Image
 
 from conftest import CAPTIONS, images_decoded_in_chromium, job_config, needs_chromium
 from pipeline.curate import load_filter_config, run_filter_job
-from pipeline.demo import encode_image, write_tar_shard
+from pipeline.dedup_benchmark import repost
+from pipeline.demo import write_tar_shard
 from pipeline.run import run_embed_job
 from pipeline.tables import image_vectors
 
@@ -28,38 +29,24 @@ def photo(seed: int, size=(320, 240)) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def copy_of(image: Image.Image, how: str) -> bytes:
-    """The ways one picture is reposted: re-encoded, downsized, cropped a little."""
-    w, h = image.size
-    if how == "q95":
-        return encode_image(image, "JPEG", quality=95)
-    if how == "q60":
-        return encode_image(image, "JPEG", quality=60)
-    if how == "resized":
-        return encode_image(image.resize((w * 3 // 4, h * 3 // 4), Image.BICUBIC), "JPEG", quality=85)
-    if how == "crop":
-        return encode_image(image.crop((w // 40, h // 40, w - w // 40, h - h // 40)), "JPEG", quality=90)
-    raise ValueError(how)
-
-
 # shard -> samples (key, photo seed, copy); photos 1-3 are posted three or two times across shards, photo 9 is
 # in the evaluation set (re-encoded), the rest once; "broken" is a truncated JPEG (an error row)
 SHARDS = {
-    "00000": [("a-q95", 1, "q95"), ("b-q95", 2, "q95"), ("u-10", 10, "q95"), ("broken", None, None),
-              ("u-11", 11, "q95"), ("leak", 9, "q95")],
-    "00001": [("a-q60", 1, "q60"), ("c-q95", 3, "q95"), ("u-12", 12, "q95"), ("b-resized", 2, "resized"),
-              ("u-13", 13, "q95")],
-    "00002": [("a-crop", 1, "crop"), ("c-q60", 3, "q60"), ("u-14", 14, "q95"), ("b-crop", 2, "crop"),
-              ("u-15", 15, "q95")],
+    "00000": [("a-q95", 1, "jpeg_q95"), ("b-q95", 2, "jpeg_q95"), ("u-10", 10, "jpeg_q95"), ("broken", None, None),
+              ("u-11", 11, "jpeg_q95"), ("leak", 9, "jpeg_q95")],
+    "00001": [("a-q60", 1, "jpeg_q60"), ("c-q95", 3, "jpeg_q95"), ("u-12", 12, "jpeg_q95"),
+              ("b-resized", 2, "resized_75pct"), ("u-13", 13, "jpeg_q95")],
+    "00002": [("a-crop", 1, "crop_2.5pct"), ("c-q60", 3, "jpeg_q60"), ("u-14", 14, "jpeg_q95"),
+              ("b-crop", 2, "crop_2.5pct"), ("u-15", 15, "jpeg_q95")],
 }
-EVAL = [("ref-9", 9, "resized"), ("ref-20", 20, "q95"), ("ref-21", 21, "q95")]
+EVAL = [("ref-9", 9, "resized_75pct"), ("ref-20", 20, "jpeg_q95"), ("ref-21", 21, "jpeg_q95")]
 GROUPS = [{"a-q95", "a-q60", "a-crop"}, {"b-q95", "b-resized", "b-crop"}, {"c-q95", "c-q60"}]
 
 
 def write_shard(path, samples, caption_offset):
     members = []
     for i, (key, seed, how) in enumerate(samples):
-        payload = copy_of(photo(99), "q95")[:300] if seed is None else copy_of(photo(seed), how)
+        payload = repost(photo(99), "jpeg_q95")[:300] if seed is None else repost(photo(seed), how)
         members += [(f"{key}.jpg", payload), (f"{key}.txt", CAPTIONS[(caption_offset + i) % len(CAPTIONS)].encode())]
     write_tar_shard(path, members)
 
