@@ -24,7 +24,8 @@ import ray
 
 from pipeline import storage, tables
 from pipeline.config import StorageCfg, _build, validate_positive
-from pipeline.dedup import MATCHES_REFERENCE, NEAR_DUPLICATE, dropped_positions, find_duplicates
+from pipeline.dedup import (MATCHES_REFERENCE, NEAR_DUPLICATE, dropped_positions, find_duplicates,
+                            reference_tables)
 from pipeline.read import positioned_members
 from pipeline.schema import STATUS_OK
 
@@ -213,7 +214,8 @@ def run_filter_job(cfg: FilterCfg) -> dict:
     dedup = None
     dedup_started = time.monotonic()
     if cfg.dedup_threshold is not None:  # first: the rule then applies to the survivors
-        dedup = find_duplicates(files, cfg.dedup_threshold, cfg.dedup_against, cfg.storage,
+        references = reference_tables(cfg.dedup_against, cfg.storage, exclude=[cfg.embeddings, cfg.output])
+        dedup = find_duplicates(files, cfg.dedup_threshold, references, cfg.storage,
                                 cfg.dedup_partition_size, cfg.dedup_probes, cfg.num_cpus, cfg.output)
         log.info("dedup at cosine >= %g: %d near-duplicates dropped (%d groups), %d matches of reference images",
                  cfg.dedup_threshold, dedup[NEAR_DUPLICATE], dedup["groups"], dedup[MATCHES_REFERENCE])

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -88,32 +90,53 @@ def nearest_partitions(vectors: np.ndarray, centroids: np.ndarray, probes: int) 
     return np.take_along_axis(top, order, axis=1)
 
 
-def search_partition(ids: np.ndarray, vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, ...]:
-    """Every pair (a < b by id) of one partition with cosine >= threshold: (a, b, cosine)."""
+def search_partition(ids: np.ndarray, vectors: np.ndarray, threshold: float,
+                     queries: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """Every pair (a < b by id) of one partition with cosine >= threshold, (a, b, cosine), where a is one of
+    the `queries` rows (a boolean mask; default all): reference images are compared with the inputs, never with
+    each other (their ids are larger than the inputs', so a is always the input). In id order, a block of
+    rows is compared only with the rows from its first on: half the products of all against all."""
+    order = np.argsort(ids, kind="stable")
+    ids, vectors = ids[order], vectors[order]
+    rows = np.arange(len(ids)) if queries is None else np.flatnonzero(queries[order])
     found = []
-    for start in range(0, len(ids), SEARCH_BLOCK):
-        block = vectors[start:start + SEARCH_BLOCK] @ vectors.T
-        i, j = np.nonzero(block >= threshold)
-        i += start
-        keep = ids[i] < ids[j]
-        found.append((ids[i[keep]], ids[j[keep]], block[i[keep] - start, j[keep]]))
+    for start in range(0, len(rows), SEARCH_BLOCK):
+        block_rows = rows[start:start + SEARCH_BLOCK]
+        first = block_rows[0]
+        scores = vectors[block_rows] @ vectors[first:].T
+        i, j = np.nonzero(scores >= threshold)
+        keep = ids[block_rows[i]] < ids[first + j]
+        found.append((ids[block_rows[i[keep]]], ids[first + j[keep]], scores[i[keep], j[keep]]))
     if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     return tuple(np.concatenate(parts) for parts in zip(*found))
 
 
-def _ok_table(url: str, table: int, storage_cfg: StorageCfg, columns: list[str]) -> tuple[np.ndarray, pa.Table]:
-    """(ids, the `columns` of the ok rows) of one table."""
-    data = tables.read_table(url, storage_cfg, ["status", *columns])
-    rows = np.flatnonzero(pc.equal(data.column("status"), STATUS_OK).to_numpy(zero_copy_only=False))
-    return pair_id(table, rows), data.select(columns).take(pa.array(rows, pa.int64()))
+@dataclass(frozen=True)
+class Table:
+    """An embedding table the search reads: an input table, or a reference one (`dedup_against`), which may be
+    limited to the pairs a filter job kept (`keep`: its keep-list)."""
+    url: str
+    keep: str | None = None
+
+
+def _ok_table(table: Table, index: int, storage_cfg: StorageCfg, columns: list[str]) -> tuple[np.ndarray, pa.Table]:
+    """(ids, the `columns` of the ok rows) of one table; of a reference table with a keep-list, of the kept ones."""
+    data = tables.read_table(table.url, storage_cfg, ["status", "key", *columns])
+    ok = pc.equal(data.column("status"), STATUS_OK)
+    if table.keep is not None:
+        kept = tables.read_table(table.keep, storage_cfg, ["key"]).column("key")
+        ok = pc.and_(ok, pc.is_in(data.column("key"), kept))
+    rows = np.flatnonzero(ok.to_numpy(zero_copy_only=False))
+    return pair_id(index, rows), data.select(columns).take(pa.array(rows, pa.int64()))
 
 
 @ray.remote
-def _sample(url: str, table: int, storage_cfg: StorageCfg, size: int, seed: int) -> tuple[int, str | None, np.ndarray]:
+def _sample(table: Table, index: int, storage_cfg: StorageCfg, size: int,
+            seed: int) -> tuple[int, str | None, np.ndarray]:
     """(ok pairs, shard URL, up to `size` of their unit vectors drawn at random) of one table."""
-    ids, ok = _ok_table(url, table, storage_cfg, ["shard", "image_embedding"])
-    pick = np.random.default_rng(seed + table).choice(len(ids), size=min(size, len(ids)), replace=False)
+    ids, ok = _ok_table(table, index, storage_cfg, ["shard", "image_embedding"])
+    pick = np.random.default_rng(seed + index).choice(len(ids), size=min(size, len(ids)), replace=False)
     shard = ok.column("shard")[0].as_py() if len(ids) else None
     return len(ids), shard, normalized(tables.image_vectors(ok.take(pa.array(np.sort(pick), pa.int64()))))
 
@@ -122,8 +145,8 @@ def _assigned(batch: dict, centroids: np.ndarray, probes: int, storage_cfg: Stor
     """Ray Data stage: a table's ok pairs, once per partition they are assigned to (partition, id, vector as
     stored: the search normalises, so a float16 table is not rounded twice)."""
     out = []
-    for table, url in zip(batch["table"].tolist(), batch["url"].tolist()):
-        ids, ok = _ok_table(url, table, storage_cfg, ["image_embedding"])
+    for index, url, keep in zip(batch["index"].tolist(), batch["url"].tolist(), batch["keep"].tolist()):
+        ids, ok = _ok_table(Table(url, keep or None), index, storage_cfg, ["image_embedding"])
         vectors = ok.column("image_embedding").combine_chunks()
         assigned = nearest_partitions(normalized(tables.image_vectors(ok)), centroids, probes)
         repeat = pa.array(np.repeat(np.arange(len(ids)), assigned.shape[1]), pa.int64())
@@ -133,25 +156,29 @@ def _assigned(batch: dict, centroids: np.ndarray, probes: int, storage_cfg: Stor
     return pa.concat_tables(out)
 
 
-def _search_group(group: pa.Table, threshold: float) -> pa.Table:
-    """Ray Data stage: every near-duplicate pair of one partition."""
-    a, b, cosine = search_partition(group.column("id").to_numpy(), normalized(tables.image_vectors(group)),
-                                    threshold)
+def _search_group(group: pa.Table, threshold: float, inputs: int) -> pa.Table:
+    """Ray Data stage: every near-duplicate pair of one partition (the first `inputs` tables are the queries)."""
+    ids = group.column("id").to_numpy()
+    a, b, cosine = search_partition(ids, normalized(tables.image_vectors(group)), threshold,
+                                    queries=(ids >> TABLE_BITS) < inputs)
     return pa.table({"a": a, "b": b, "cosine": cosine.astype(np.float32)})
 
 
-def find_edges(files: list[str], storage_cfg: StorageCfg, threshold: float, partition_size: int, probes: int,
-               num_cpus: float, seed: int = 0) -> tuple[tuple[np.ndarray, ...], dict]:
-    """All near-duplicate edges (a, b, cosine) among the tables' ok pairs, how they were searched, and each
-    table's shard URL and ok count.
+def find_edges(sources: list[Table], inputs: int, storage_cfg: StorageCfg, threshold: float, partition_size: int,
+               probes: int, num_cpus: float, seed: int = 0) -> tuple[tuple[np.ndarray, ...], dict]:
+    """Every edge (a, b, cosine) at cosine >= threshold between two input pairs or an input pair (a) and a
+    reference image (b), how they were searched, and each table's shard URL and ok count. The first `inputs`
+    sources are the input tables, the rest the references.
 
     A Ray Data shuffle: each table's pairs are read and assigned to partitions, grouped by partition, and
     every partition is searched in one task. Up to `partition_size` ok pairs there is one partition (exact)."""
-    per_table = max(1, math.ceil(KMEANS_SAMPLE / len(files)))
-    sampled = ray.get([_sample.options(num_cpus=num_cpus).remote(url, t, storage_cfg, per_table, seed)
-                       for t, url in enumerate(files)])
+    per_table = max(1, math.ceil(KMEANS_SAMPLE / len(sources)))
+    sampled = ray.get([_sample.options(num_cpus=num_cpus).remote(table, t, storage_cfg, per_table, seed)
+                       for t, table in enumerate(sources)])
     n = sum(count for count, _, _ in sampled)
-    info = {"ok_pairs": n, "shards": [shard or url for url, (_, shard, _) in zip(files, sampled)]}
+    info = {"ok_pairs": sum(count for count, _, _ in sampled[:inputs]), "reference_images": n - sum(
+        count for count, _, _ in sampled[:inputs]), "shards": [shard or table.url for table, (_, shard, _)
+                                                               in zip(sources, sampled)]}
     if n <= partition_size:
         centroids = np.ones((1, EMBEDDING_DIM), np.float32)  # one partition: every pair meets every other
         search = {"partitions": 1, "probes": 1, "exact": True}
@@ -160,14 +187,15 @@ def find_edges(files: list[str], storage_cfg: StorageCfg, threshold: float, part
         k = max(2, math.ceil(n * probes / partition_size))
         centroids = spherical_kmeans(sample, min(k, len(sample)), seed)
         search = {"partitions": len(centroids), "probes": probes, "exact": False}
-        log.info("dedup: %d ok pairs in %d partitions (k-means on %d vectors), %d probes each", n, len(centroids),
-                 len(sample), probes)
-    pairs = (ray.data.from_items([{"table": t, "url": url} for t, url in enumerate(files)],
-                                 override_num_blocks=len(files))
+        log.info("dedup: %d pairs (%d of them reference images) in %d partitions (k-means on %d vectors), "
+                 "%d probes each", n, info["reference_images"], len(centroids), len(sample), probes)
+    pairs = (ray.data.from_items([{"index": t, "url": table.url, "keep": table.keep or ""}
+                                  for t, table in enumerate(sources)], override_num_blocks=len(sources))
              .map_batches(_assigned, batch_size=1, batch_format="numpy", num_cpus=num_cpus,
                           fn_kwargs={"centroids": centroids, "probes": search["probes"], "storage_cfg": storage_cfg})
-             .groupby("partition", num_partitions=min(len(centroids), max(1, len(files))))
-             .map_groups(_search_group, batch_format="pyarrow", num_cpus=num_cpus, fn_kwargs={"threshold": threshold}))
+             .groupby("partition", num_partitions=min(len(centroids), len(sources)))
+             .map_groups(_search_group, batch_format="pyarrow", num_cpus=num_cpus,
+                         fn_kwargs={"threshold": threshold, "inputs": inputs}))
     found = [(batch["a"], batch["b"], batch["cosine"]) for batch in pairs.iter_batches(batch_format="numpy")]
     return _unique_edges(found), {**search, **info}
 
@@ -199,16 +227,21 @@ def components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # ---- the job's stage ----
 
-def find_duplicates(files: list[str], threshold: float, references: list[str], storage_cfg: StorageCfg,
+def find_duplicates(files: list[str], threshold: float, references: list[Table], storage_cfg: StorageCfg,
                     partition_size: int, probes: int, num_cpus: float, output: str) -> dict:
     """Write {output}/duplicates/{table name}.parquet (DUPLICATES_SCHEMA) for every input table; the counts.
 
-    The driver holds int64 ids, not vectors: the edges, the group of every pair in one, and what each dropped
-    pair matched; tables are read (and the duplicates tables written) by tasks."""
-    (a, b, edge_cosine), search = find_edges(files, storage_cfg, threshold, partition_size, probes, num_cpus)
+    The reference images go through the same search as the inputs, so their number is bounded by the
+    cluster, not by the driver. The driver holds int64 ids, not vectors: the edges, the group of every pair
+    in one, and what each dropped pair matched; tables are read (and the duplicates tables written) by tasks."""
+    sources = [Table(url) for url in files] + list(references)
+    urls = [table.url for table in sources]
+    edges, search = find_edges(sources, len(files), storage_cfg, threshold, partition_size, probes, num_cpus)
     shards = search.pop("shards")
+    to_reference = (edges[1] >> TABLE_BITS) >= len(files)
+    a, b, edge_cosine = (e[~to_reference] for e in edges)
     nodes, labels = components(a, b)
-    meta = _gather(files, storage_cfg, nodes, ["similarity", "position"], num_cpus)
+    meta = _gather(urls, storage_cfg, nodes, ["similarity", "position"], num_cpus)
     # the kept pair of each group: highest similarity, then the smaller shard URL, then the smaller position
     shard_rank = np.argsort(np.argsort(np.array(shards, dtype=object).astype(str), kind="stable"))
     order = np.lexsort((meta["position"], shard_rank[nodes >> TABLE_BITS], -meta["similarity"], labels))
@@ -218,24 +251,32 @@ def find_duplicates(files: list[str], threshold: float, references: list[str], s
     keeper_of_label[labels[order][first]] = order[first]
     keeper = keeper_of_label[labels]                 # node index of each node's kept pair
     members = np.flatnonzero(keeper != np.arange(len(nodes)))
-    member, kept = nodes[members], nodes[keeper[members]]
-    cosines = _cosines(files, storage_cfg, nodes, members, keeper[members], (a, b, edge_cosine), num_cpus)
-    kept_keys = _gather(files, storage_cfg, kept, ["key"], num_cpus)["key"]
-    dropped = {"id": member, "reason": np.full(len(member), NEAR_DUPLICATE, dtype=object), "match_key": kept_keys,
-               "match_shard": np.array([shards[t] for t in kept >> TABLE_BITS], dtype=object), "cosine": cosines}
-    matched = 0
-    if references:
-        dropped, matched = _with_reference_matches(dropped, files, references, threshold, storage_cfg, num_cpus)
+    kept = nodes[keeper[members]]
+    near = {"id": nodes[members], "reason": np.full(len(members), NEAR_DUPLICATE, dtype=object),
+            "match_key": _gather(urls, storage_cfg, kept, ["key"], num_cpus)["key"],
+            "match_shard": np.array([shards[t] for t in kept >> TABLE_BITS], dtype=object),
+            "cosine": _cosines(urls, storage_cfg, nodes, members, keeper[members], (a, b, edge_cosine), num_cpus)}
+    matches = _nearest_references(*(e[to_reference] for e in edges), urls, storage_cfg, num_cpus)
+    # a pair dropped by both rules is recorded once, as a reference match
+    dropped = {k: np.concatenate([near[k][~np.isin(near["id"], matches["id"])], matches[k]]) for k in near}
     reasons = collections.Counter(dropped["reason"].tolist())
     tables_of = dropped["id"] >> TABLE_BITS
-    writes = []
-    for t, url in enumerate(files):
-        mine = tables_of == t
-        writes.append(_write_table.options(num_cpus=num_cpus).remote(
-            url, t, storage_cfg, {k: v[mine] for k, v in dropped.items()}, output))
-    ray.get(writes)
+    ray.get([_write_table.options(num_cpus=num_cpus).remote(
+        url, storage_cfg, {k: v[tables_of == t] for k, v in dropped.items()}, output) for t, url in enumerate(files)])
     return {NEAR_DUPLICATE: reasons[NEAR_DUPLICATE], MATCHES_REFERENCE: reasons[MATCHES_REFERENCE],
             "groups": int(first.sum()), "ok_pairs_searched": search.pop("ok_pairs"), "search": search}
+
+
+def _nearest_references(a: np.ndarray, b: np.ndarray, cosine: np.ndarray, urls: list[str], storage_cfg: StorageCfg,
+                        num_cpus: float) -> dict[str, np.ndarray]:
+    """From the input (a) - reference (b) edges: each matched input pair, its nearest reference image, cosine."""
+    order = np.lexsort((b, -cosine, a))           # per input pair, the highest cosine first
+    first = np.ones(len(order), bool)
+    first[1:] = a[order][1:] != a[order][:-1]
+    best = order[first]
+    reference = _gather(urls, storage_cfg, b[best], ["key", "shard"], num_cpus)
+    return {"id": a[best], "reason": np.full(len(best), MATCHES_REFERENCE, dtype=object),
+            "match_key": reference["key"], "match_shard": reference["shard"], "cosine": cosine[best]}
 
 
 @ray.remote
@@ -285,44 +326,8 @@ def _cosines(files, storage_cfg, nodes: np.ndarray, members: np.ndarray, keepers
     return cosines
 
 
-def _with_reference_matches(dropped: dict, files, references, threshold, storage_cfg, num_cpus) -> tuple[dict, int]:
-    """Add the pairs that match a reference image (replacing a near_duplicate record of the same pair)."""
-    ref = reference_vectors(references, storage_cfg)
-    ref_put = ray.put(ref["vector"])
-    found = ray.get([_reference_matches.options(num_cpus=num_cpus).remote(url, t, storage_cfg, ref_put, threshold)
-                     for t, url in enumerate(files)])
-    ids = np.concatenate([f[0] for f in found])
-    which = np.concatenate([f[1] for f in found])
-    best = np.concatenate([f[2] for f in found]).astype(np.float32)
-    keep = ~np.isin(dropped["id"], ids)
-    matched = {"id": ids, "reason": np.full(len(ids), MATCHES_REFERENCE, dtype=object),
-               "match_key": np.array(ref["key"], dtype=object)[which] if len(ids) else np.zeros(0, object),
-               "match_shard": np.array(ref["shard"], dtype=object)[which] if len(ids) else np.zeros(0, object),
-               "cosine": best}
-    return {k: np.concatenate([dropped[k][keep], matched[k]]) for k in dropped}, len(ids)
-
-
 @ray.remote
-def _reference_matches(url: str, table: int, storage_cfg: StorageCfg, references: np.ndarray,
-                       threshold: float) -> tuple[np.ndarray, ...]:
-    """(id, reference index, cosine) of the pairs whose nearest reference image is >= threshold."""
-    ids, ok = _ok_table(url, table, storage_cfg, ["image_embedding"])
-    vectors = normalized(tables.image_vectors(ok))
-    best = np.full(len(ids), -np.inf, np.float32)
-    which = np.zeros(len(ids), np.int64)
-    for start in range(0, len(references), SEARCH_BLOCK):
-        scores = vectors @ references[start:start + SEARCH_BLOCK].T
-        if scores.size:
-            top = np.argmax(scores, axis=1)
-            value = scores[np.arange(len(top)), top]
-            better = value > best
-            best[better], which[better] = value[better], top[better] + start
-    hit = best >= threshold
-    return ids[hit], which[hit], best[hit]
-
-
-@ray.remote
-def _write_table(url: str, table: int, storage_cfg: StorageCfg, dropped: dict, output: str) -> None:
+def _write_table(url: str, storage_cfg: StorageCfg, dropped: dict, output: str) -> None:
     """{output}/duplicates/{name}.parquet: this table's dropped pairs in shard order (an empty table if none)."""
     data = tables.read_table(url, storage_cfg, ["key", "shard", "position"]).take(
         pa.array(dropped["id"] & ROW_MASK, pa.int64()))
@@ -339,18 +344,35 @@ def _write_table(url: str, table: int, storage_cfg: StorageCfg, dropped: dict, o
                              sink.getvalue())
 
 
-def reference_vectors(folders: list[str], storage_cfg: StorageCfg) -> dict:
-    """The ok image embeddings of the reference folders (embed job outputs): key, shard, unit vector."""
-    keys, shards, vectors = [], [], []
-    for folder in folders:
-        for url in tables.embedding_files(folder, storage_cfg, field="dedup_against"):
-            data = tables.read_table(url, storage_cfg, ["key", "shard", "status", "image_embedding"])
-            ok = data.filter(pc.equal(data.column("status"), STATUS_OK))
-            keys += ok.column("key").to_pylist()
-            shards += ok.column("shard").to_pylist()
-            vectors.append(normalized(tables.image_vectors(ok)))
-    return {"key": keys, "shard": shards,
-            "vector": np.concatenate(vectors) if vectors else np.zeros((0, EMBEDDING_DIM), np.float32)}
+def reference_tables(entries: list[str], storage_cfg: StorageCfg, exclude: list[str]) -> list[Table]:
+    """The tables of `dedup_against`: each entry is an embed job's output folder (all its ok pairs) or a filter
+    job's (the pairs it kept: everything already curated), or a glob of such folders. Folders in `exclude`
+    (this run's own input and output) are skipped: a pair always matches itself."""
+    skip = {storage.filesystem(e, storage_cfg)[1].rstrip("/") for e in exclude}
+    out = []
+    for entry in entries:
+        fs, path = storage.filesystem(entry, storage_cfg)
+        folders = sorted(fs.glob(path.rstrip("/"))) if any(c in path for c in "*?[") else [path.rstrip("/")]
+        if not folders:
+            raise ValueError(f"dedup_against: {entry} matches no folder")
+        for folder in folders:
+            if folder.rstrip("/") in skip:
+                log.info("dedup_against: skipping %s (this run's own input or output)", storage.unstrip(fs, folder))
+                continue
+            summary = storage.join(folder, "summary.json")
+            if fs.exists(storage.join(folder, "keep")) and fs.exists(summary):  # a filter job's output
+                with fs.open(summary, "rb") as f:
+                    embeddings = json.load(f)["embeddings"]
+                for url in tables.embedding_files(embeddings, storage_cfg, field="dedup_against"):
+                    keep = storage.join(folder, "keep", f"{tables.table_name(url)}.parquet")
+                    if not fs.exists(keep):
+                        raise ValueError(f"dedup_against: {storage.unstrip(fs, folder)} has no keep-list for "
+                                         f"{url}: an unfinished filter run? Rerun it first.")
+                    out.append(Table(url, storage.unstrip(fs, keep)))
+            else:
+                out += [Table(url) for url in tables.embedding_files(storage.unstrip(fs, folder), storage_cfg,
+                                                                      field="dedup_against")]
+    return out
 
 
 def dropped_positions(output: str, name: str, storage_cfg: StorageCfg) -> set[int]:

@@ -16,11 +16,11 @@ import ray
 from PIL import Image
 
 from pipeline import storage
-from pipeline.dedup import MATCHES_REFERENCE, NEAR_DUPLICATE, dropped_positions
+from pipeline.dedup import MATCHES_REFERENCE, NEAR_DUPLICATE, dropped_positions, reference_tables
 from pipeline.read import IMAGE_EXTENSIONS, positioned_members
 from pipeline.schema import STATUS_OK
 from pipeline.shards import shard_name
-from pipeline.tables import embedding_files, read_table, table_name
+from pipeline.tables import read_table, table_name
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +75,25 @@ def duplicate_galleries(cfg, files: list[str], per_band: int) -> dict:
     chosen = sorted(groups.items(), key=lambda g: (-len(g[1]), g[0]))[:per_band]
     matches = sorted((r for part in parts for r in part[MATCHES_REFERENCE]), key=lambda r: -r["cosine"])[:per_band]
 
-    # the tables that hold each shown pair: ours by shard name, the references' in the dedup_against folders
-    table_of = {table_name(u): u for u in files}
-    for folder in cfg.dedup_against:
-        table_of.update({table_name(u): u for u in embedding_files(folder, cfg.storage, field="dedup_against")})
-    wanted: dict[str, tuple[set, set]] = {}
+    # the tables that hold each shown pair: ours, or (a reference image) one of dedup_against's, by shard name
+    inputs = {table_name(u): u for u in files}
+    references = {table_name(t.url): t.url
+                  for t in reference_tables(cfg.dedup_against, cfg.storage, exclude=[cfg.embeddings, cfg.output])}
+    wanted: dict[tuple[bool, str], tuple[set, set]] = {}  # (is a reference, shard) -> (positions, keys)
     for (kept_shard, kept_key), members in chosen:
-        wanted.setdefault(kept_shard, (set(), set()))[1].add(kept_key)
+        wanted.setdefault((False, kept_shard), (set(), set()))[1].add(kept_key)
         for r in members:
-            wanted.setdefault(r["shard"], (set(), set()))[0].add(r["position"])
+            wanted.setdefault((False, r["shard"]), (set(), set()))[0].add(r["position"])
     for r in matches:
-        wanted.setdefault(r["shard"], (set(), set()))[0].add(r["position"])
-        wanted.setdefault(r["match_shard"], (set(), set()))[1].add(r["match_key"])
-    shards = [s for s in wanted if shard_name(s) in table_of]
-    fetched = ray.get([task(pair_rows).remote(table_of[shard_name(s)], sorted(wanted[s][0]), sorted(wanted[s][1]),
-                                               cfg.storage) for s in shards])
-    by_position = {(s, r["position"]): r for s, rows in zip(shards, fetched) for r in rows}
+        wanted.setdefault((False, r["shard"]), (set(), set()))[0].add(r["position"])
+        wanted.setdefault((True, r["match_shard"]), (set(), set()))[1].add(r["match_key"])
+    found_in = {where: (references if where[0] else inputs).get(shard_name(where[1])) for where in wanted}
+    places = [where for where in wanted if found_in[where]]
+    fetched = ray.get([task(pair_rows).remote(found_in[w], sorted(wanted[w][0]), sorted(wanted[w][1]), cfg.storage)
+                       for w in places])
+    by_position = {(s, r["position"]): r for (_, s), rows in zip(places, fetched) for r in rows}
     by_key = {}
-    for s, rows in zip(shards, fetched):
+    for (_, s), rows in zip(places, fetched):
         for r in rows:
             by_key.setdefault((s, r["key"]), r)
 

@@ -159,7 +159,7 @@ def test_dedup_benchmark_smoke(tmp_path):
     report = run_dedup_benchmark_job(tmp_path, "--pairs", "20000", "--per-table", "2000", "--subset", "4000",
                                      "--partition-size", "4000", "--num-cpus", "2")
     assert report["pairs"] == 20000 and report["tables"] == 10
-    assert report["search"] == {"partitions": 10, "probes": 2, "exact": False}  # ceil(20000 x 2 / 4000)
+    assert report["search"] == {"partitions": 10, "probes": 2, "exact": False, "reference_images": 0}  # 20000x2/4000
     planted = report["planted"]
     # 10% copies, their cosines to the original spread over [0.93, 0.995]: some are below 0.95
     assert planted["copies"] == 2000 and 1000 < planted["at_threshold"] < 2000

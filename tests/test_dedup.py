@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.curate import load_filter_config, run_filter_job
 from pipeline.config import StorageCfg
-from pipeline.dedup import components, find_edges, pair_id, search_partition
+from pipeline.dedup import Table, components, find_edges, pair_id, search_partition
 from pipeline.schema import embedding_table_schema
 
 D = 512
@@ -67,7 +67,7 @@ def planted(tmp_path_factory):
         row("c", direction(0, 1, 40), 0.35), row("r", direction(12, 13, 5), 0.90), row("k", direction(14), 0.45),
         row("s2", direction(20)), row("s3", direction(21))])
     write_table(root / "ref", "s3://bucket/flickr30k-cn/test-0.tar", [
-        row("ref-12", direction(12)), row("ref-14", direction(14, 16, 2)), row("ref-far", direction(30))])
+        row("ref-12", direction(12), 0.9), row("ref-14", direction(14, 16, 2)), row("ref-far", direction(30))])
     return root, shard0, shard1
 
 
@@ -121,6 +121,33 @@ def test_the_rule_applies_to_the_survivors(local_ray, planted):
     assert summary["threshold"] == pytest.approx(0.31, abs=1e-6)
 
 
+def test_against_what_a_filter_job_kept(local_ray, planted):
+    """dedup_against a filter job's output: only the reference pairs it kept count (everything already
+    curated); a glob names it, and the run's own embeddings folder in the list is skipped."""
+    root, shard0, shard1 = planted
+    run_filter_job(load_filter_config(None, [f"embeddings={root}/ref", f"output={root}/ref-kept",
+                                             "min_similarity=0.5", "report=false"]))  # keeps ref-12 (0.9) only
+    cfg = load_filter_config(None, [f"embeddings={root}/emb", f"output={root}/vs-kept", "min_similarity=-1",
+                                    f"dedup_threshold={T}", f"dedup_against=[{root}/emb, {root}/ref-k*]",
+                                    "report=false"])
+    summary = run_filter_job(cfg)
+    found = {**duplicates(root / "vs-kept", "00000"), **duplicates(root / "vs-kept", "00001")}
+    # r still matches ref-12; ref-14 was not kept, so j and k are an ordinary group again (j, 0.50, stays)
+    assert {k: (v["reason"], v["match_key"]) for k, v in found.items()} == {
+        "a": ("near_duplicate", "c"), "b": ("near_duplicate", "c"), "d": ("near_duplicate", "e"),
+        "f": ("near_duplicate", "g"), "i": ("near_duplicate", "h"), "k": ("near_duplicate", "j"),
+        "r": ("matches_reference", "ref-12")}
+    assert summary["duplicates"]["search"]["reference_images"] == 1
+
+
+def test_unknown_reference_folder_is_an_error(local_ray, planted):
+    root, _, _ = planted
+    cfg = load_filter_config(None, [f"embeddings={root}/emb", f"output={root}/bad", "min_similarity=-1",
+                                    f"dedup_threshold={T}", f"dedup_against=[{root}/no-such-*]", "report=false"])
+    with pytest.raises(ValueError, match="dedup_against: .*no-such-.* matches no folder"):
+        run_filter_job(cfg)
+
+
 def test_components_of_a_chain_and_separate_pairs():
     nodes, labels = components(np.array([5, 7, 100, 3]), np.array([7, 9, 200, 9]))
     groups = {}
@@ -150,11 +177,12 @@ def test_partitioned_search_against_brute_force(local_ray, tmp_path):
     files = [str(path) for path in sorted((tmp_path / "embeddings").glob("*.parquet"))]
     exact = brute_force(ids, vectors, T)
     assert len(exact) >= 290  # the copies are within T of their originals
-    (a, b, _), info = find_edges(files, StorageCfg(), T, partition_size=600, probes=2, num_cpus=0.5)
+    sources = [Table(f) for f in files]
+    (a, b, _), info = find_edges(sources, 3, StorageCfg(), T, partition_size=600, probes=2, num_cpus=0.5)
     assert (info["partitions"], info["probes"], info["exact"], info["ok_pairs"]) == (6, 2, False, 1800)
     found = set(zip(a.tolist(), b.tolist()))  # ceil(1800 x 2 / 600) partitions
     assert found <= exact  # never a false edge
     assert len(found) / len(exact) >= 0.9, len(found) / len(exact)
     # the exact path: everything in one partition
-    (a, b, _), info = find_edges(files, StorageCfg(), T, partition_size=len(ids), probes=2, num_cpus=0.5)
+    (a, b, _), info = find_edges(sources, 3, StorageCfg(), T, partition_size=len(ids), probes=2, num_cpus=0.5)
     assert info["exact"] and set(zip(a.tolist(), b.tolist())) == exact

@@ -32,6 +32,10 @@ COVERED = [
     (r"^python jobs/eval_retrieval\.py ", "tests/test_evaluate.py", "test_eval_job_matches_the_reference_path"),
     (r"^python jobs/benchmark\.py --config configs/benchmark(-gpu)?\.yaml", "tests/test_benchmark.py",
      "test_benchmark_smoke"),
+    (r"^0 5 \* \* \* .*ray job submit .* python jobs/filter_pairs\.py .*dedup_against=\[s3://b/curated/\*",
+     "tests/test_dedup.py", "test_against_what_a_filter_job_kept"),
+    (r"^python jobs/benchmark_dedup\.py --copy-cosines ", "tests/test_benchmark.py", "test_copy_cosines_smoke"),
+    (r"^python jobs/benchmark_dedup\.py(?! --copy-cosines)", "tests/test_benchmark.py", "test_dedup_benchmark_smoke"),
 ]
 
 
