@@ -197,6 +197,7 @@ class MemorySampler:
     def __init__(self, interval_s: float = 2.0):
         self.interval_s, self.peak_bytes, self._stop = interval_s, 0, threading.Event()
         self.peak_rss: dict[int, int] = {}
+        self.names: dict[int, str] = {}  # pid -> process title (Ray workers: ray::TaskName)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
@@ -210,6 +211,7 @@ class MemorySampler:
             try:
                 total += proc.memory_full_info().pss
                 self.peak_rss[proc.pid] = max(self.peak_rss.get(proc.pid, 0), peak_rss_bytes(proc.pid))
+                self.names.setdefault(proc.pid, " ".join(proc.cmdline()[:1]) or proc.name())
             except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
                 pass
         self.peak_bytes = max(self.peak_bytes, total)

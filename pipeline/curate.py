@@ -61,7 +61,7 @@ class FilterCfg:
     # with one of theirs are dropped
     dedup_against: list[str] = field(default_factory=list)
     # ok pairs per exact-search partition; inputs of at most this many ok pairs are searched exactly
-    dedup_partition_size: int = 200_000
+    dedup_partition_size: int = 50_000
     # partitions each pair is assigned to beyond that size: more find more duplicates, with more work
     dedup_probes: int = 2
     # CPUs per filtering task

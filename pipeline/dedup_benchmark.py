@@ -15,6 +15,7 @@ Figures: the filter job's wall time (dedup and the rest), peak memory of every p
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -172,6 +173,8 @@ def run_dedup_benchmark(folder: Path, pairs: int, per_table: int, threshold: flo
         "near_duplicates_dropped": summary["duplicates"]["near_duplicate"],
         "peak_memory_gib_all_processes_pss": round(memory.peak_bytes / 2**30, 2),
         "peak_rss_gib_largest_process": round(max(memory.peak_rss.values()) / 2**30, 2),
+        "largest_process": memory.names.get(max(memory.peak_rss, key=memory.peak_rss.get)),
+        "peak_rss_gib_driver": round(memory.peak_rss.get(os.getpid(), 0) / 2**30, 2),
         "planted": {"copies": len(copies), "at_threshold": len(expected), "grouped_by_job": planted_found,
                     "recall": round(planted_found / len(expected), 5) if len(expected) else None},
         "subset": subset_figures,
