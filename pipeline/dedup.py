@@ -122,7 +122,8 @@ class Table:
 
 def _ok_table(table: Table, index: int, storage_cfg: StorageCfg, columns: list[str]) -> tuple[np.ndarray, pa.Table]:
     """(ids, the `columns` of the ok rows) of one table; of a reference table with a keep-list, of the kept ones."""
-    data = tables.read_table(table.url, storage_cfg, ["status", "key", *columns])
+    keyed = table.keep is not None and "key" not in columns  # the key column is read only to match a keep-list
+    data = tables.read_table(table.url, storage_cfg, ["status", *columns, *(["key"] if keyed else [])])
     ok = pc.equal(data.column("status"), STATUS_OK)
     if table.keep is not None:
         kept = tables.read_table(table.keep, storage_cfg, ["key"]).column("key")
@@ -280,7 +281,7 @@ def _nearest_references(a: np.ndarray, b: np.ndarray, cosine: np.ndarray, urls: 
 
 
 @ray.remote
-def _columns_at(url: str, table: int, storage_cfg: StorageCfg, ids: np.ndarray, columns: list[str]) -> dict:
+def _columns_at(url: str, storage_cfg: StorageCfg, ids: np.ndarray, columns: list[str]) -> dict:
     data = tables.read_table(url, storage_cfg, columns).take(pa.array(ids & ROW_MASK, pa.int64()))
     return {name: (tables.image_vectors(data) if name == "image_embedding"
                    else data.column(name).to_numpy(zero_copy_only=False)) for name in columns}
@@ -291,8 +292,8 @@ def _gather(files: list[str], storage_cfg: StorageCfg, ids: np.ndarray, columns:
     """The `columns` of the pairs `ids` (any order), read by one task per table that holds some."""
     tables_of = ids >> TABLE_BITS
     present = np.unique(tables_of)
-    parts = ray.get([_columns_at.options(num_cpus=num_cpus).remote(files[t], int(t), storage_cfg,
-                                                                    ids[tables_of == t], columns) for t in present])
+    parts = ray.get([_columns_at.options(num_cpus=num_cpus).remote(files[t], storage_cfg, ids[tables_of == t], columns)
+                     for t in present])
     out = {}
     for name in columns:
         values = [part[name] for part in parts]

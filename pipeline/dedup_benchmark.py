@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 TOPICS = 2000
 
 
-def synthetic_vectors(pairs: int, copy_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(unit vectors float32, original row of each copy or -1, cosine-to-original target of each copy)."""
+def synthetic_vectors(pairs: int, copy_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(unit vectors float32, the original row of each copy or -1)."""
     rng = np.random.default_rng(seed)
     copies = int(pairs * copy_fraction)
     originals = pairs - copies
@@ -58,7 +58,7 @@ def synthetic_vectors(pairs: int, copy_fraction: float, seed: int) -> tuple[np.n
     inverse = np.argsort(order)
     original_of = original_of[order]
     original_of[original_of >= 0] = inverse[original_of[original_of >= 0]]
-    return vectors[order], original_of, target
+    return vectors[order], original_of
 
 
 def write_tables(folder: Path, vectors: np.ndarray, per_table: int, seed: int) -> list[str]:
@@ -95,7 +95,7 @@ def read_vectors(folder: Path) -> np.ndarray:
                            for path in sorted((folder / "embeddings").glob("*.parquet"))])
 
 
-def group_of_rows(output: Path, pairs: int, per_table: int) -> np.ndarray:
+def group_of_rows(output: Path, pairs: int) -> np.ndarray:
     """Per row, the row of the pair its group kept (itself when kept); reference matches are not counted here."""
     group = np.arange(pairs)
     for path in sorted((output / "duplicates").glob("*.parquet")):
@@ -140,7 +140,7 @@ def run_dedup_benchmark(folder: Path, pairs: int, per_table: int, threshold: flo
     from pipeline.curate import load_filter_config, run_filter_job
 
     started = time.monotonic()
-    vectors, original_of, _ = synthetic_vectors(pairs, 0.1, seed)
+    vectors, original_of = synthetic_vectors(pairs, 0.1, seed)
     write_tables(folder / "emb", vectors, per_table, seed)
     del vectors  # the job's memory is measured: this process holds only the planted copies' origins
     log.info("%d synthetic pairs (%d planted copies) written to %s in %.0f s", pairs, int(np.sum(original_of >= 0)),
@@ -159,7 +159,7 @@ def run_dedup_benchmark(folder: Path, pairs: int, per_table: int, threshold: flo
             wall_s = time.monotonic() - t0
     finally:
         ray.shutdown()
-    group = group_of_rows(folder / "out", pairs, per_table)
+    group = group_of_rows(folder / "out", pairs)
     stored = read_vectors(folder / "emb")
     copies = np.flatnonzero(original_of >= 0)
     planted_cos = np.sum(stored[copies] * stored[original_of[copies]], axis=1)
