@@ -334,8 +334,12 @@ def measure_ceiling(cfg: JobCfg, random_weights: bool, input_ids: np.ndarray, se
     if use_ray:
         import ray
 
-        probes = [ray.remote(num_cpus=cfg.encoder.num_cpus, num_gpus=cfg.encoder.num_gpus)(CeilingProbe).remote(
-            cfg, random_weights) for _ in range(actor_range(cfg.encoder.actors)[0])]
+        from pipeline.run import ray_resources
+
+        encode = ray_resources(cfg)["encode"]
+        actor = {k: encode[k] for k in ("num_cpus", "num_gpus", "memory") if k in encode}
+        probes = [ray.remote(**actor)(CeilingProbe).remote(cfg, random_weights)
+                  for _ in range(actor_range(cfg.encoder.actors)[0])]
         try:
             ray.get([p.__ray_ready__.remote() for p in probes])  # every model loaded before any timing starts
             each = ray.get([p.measure.remote(input_ids, seconds, 3) for p in probes])

@@ -78,6 +78,10 @@ class EncoderCfg:
     num_cpus: float = 1.0
     # pairs per forward pass
     batch_size: int = 64
+    # host memory Ray reserves per actor (its `memory` resource), so that a node takes no more actors than
+    # its memory holds, and encoder.actors=auto counts it; null reserves none. On CPU an actor holds the
+    # fp32 towers and one batch's activations: 1.8 GiB at batch 64 (BENCHMARKS.md)
+    memory_gib: float | None = None
     # torch intra-op threads inside each actor (Ray sets OMP_NUM_THREADS to num_cpus otherwise)
     torch_threads: int = 1
     # > 0: feed no batch until every actor has loaded its weights, and fail if the pool is not up within
@@ -273,6 +277,8 @@ def validate(cfg: JobCfg) -> None:
         "encoder.torch_threads": cfg.encoder.torch_threads, "storage.max_attempts": cfg.storage.max_attempts,
         "ray.progress_interval_s": cfg.ray.progress_interval_s,
     }
+    if cfg.encoder.memory_gib is not None:
+        positive["encoder.memory_gib"] = cfg.encoder.memory_gib
     validate_positive(positive)
     max_actors = None if cfg.encoder.actors == AUTO_ACTORS else actor_range(cfg.encoder.actors)[1]
     if cfg.read.decode_on not in DECODE_PLACEMENTS:
@@ -308,7 +314,8 @@ def check_room_for_reads(actors: int, cpus_per_actor: float, cpus: float, where:
 def resolve_actors(cfg: JobCfg, resources: dict[str, float]) -> JobCfg:
     """cfg with encoder.actors=auto replaced by a number: one actor per GPU (encoder.num_gpus > 0) or per
     CPU of `resources`, the Ray cluster's (ray.cluster_resources()): never the driver's own hardware on a
-    cluster. Other values pass through."""
+    cluster. With encoder.memory_gib, no more actors than the cluster's memory holds (a 16-core laptop with
+    16 GB would otherwise start 16 actors of ~2 GiB). Other values pass through."""
     if cfg.encoder.actors != AUTO_ACTORS:
         return cfg
     if cfg.encoder.num_gpus > 0:
@@ -323,6 +330,15 @@ def resolve_actors(cfg: JobCfg, resources: dict[str, float]) -> JobCfg:
         actors = max(1, int(cpus))
         check_room_for_reads(actors, cfg.encoder.num_cpus, cpus, "of the Ray cluster (encoder.actors=auto)")
         unit = f"one per CPU of the Ray cluster's {cpus:g}"
+    if cfg.encoder.memory_gib is not None:
+        memory_gib = resources.get("memory", 0) / 2**30
+        fit = int(memory_gib // cfg.encoder.memory_gib)
+        if fit < 1:
+            raise ValueError(f"encoder.actors=auto: the Ray cluster has {memory_gib:.1f} GiB of memory, less than "
+                             f"one actor's encoder.memory_gib={cfg.encoder.memory_gib:g}")
+        if fit < actors:
+            actors = fit
+            unit += f", capped by memory: {memory_gib:.1f} GiB / encoder.memory_gib={cfg.encoder.memory_gib:g}"
     log.info("encoder.actors=auto: %d actors (%s)", actors, unit)
     return dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, actors=actors))
 

@@ -47,6 +47,8 @@ def ray_resources(cfg: JobCfg) -> dict:
     read = dict(num_cpus=cfg.read.num_cpus, max_calls=0)
     encode = dict(num_cpus=cfg.encoder.num_cpus, num_gpus=cfg.encoder.num_gpus, compute=pool,
                   batch_size=cfg.encoder.batch_size)
+    if cfg.encoder.memory_gib is not None:
+        encode["memory"] = int(cfg.encoder.memory_gib * 2**30)
     if cfg.read.node_labels:
         read["label_selector"] = dict(cfg.read.node_labels)
     if cfg.encoder.node_labels:

@@ -11,6 +11,7 @@ from pipeline.config import dump, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["input=/data/{00000..00003}.tar", "output=/tmp/out"]
+GIB = 2**30
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -140,6 +141,10 @@ def test_demo_config_never_writes_over_real_data(tmp_path):
     (["encoder.actors=auto", "encoder.num_gpus=0.5"], {"CPU": 96.0, "GPU": 8.0}, 16),
     (["encoder.actors=3", "encoder.num_gpus=1"], {"CPU": 96.0, "GPU": 8.0}, 3),     # a number stays
     (["encoder.actors=2..6"], {"CPU": 96.0}, "2..6"),
+    # memory: a 16-core laptop whose Ray has 8 GiB holds 3 actors of 2.5 GiB; a roomy node is not capped
+    (["encoder.actors=auto", "encoder.num_cpus=0.5", "encoder.memory_gib=2.5"], {"CPU": 16.0, "memory": 8 * GIB}, 3),
+    (["encoder.actors=auto", "encoder.num_cpus=0.5", "encoder.memory_gib=2.5"], {"CPU": 16.0, "memory": 64 * GIB}, 16),
+    (["encoder.actors=auto", "encoder.num_gpus=1", "encoder.memory_gib=4"], {"GPU": 8.0, "memory": 20 * GIB}, 5),
 ])
 def test_auto_actors_are_sized_from_the_ray_clusters_resources(overrides, resources, actors):
     from pipeline.config import resolve_actors
@@ -151,6 +156,8 @@ def test_auto_actors_are_sized_from_the_ray_clusters_resources(overrides, resour
 @pytest.mark.parametrize("overrides, resources, message", [
     (["encoder.num_gpus=1"], {"CPU": 16.0}, "encoder.actors=auto: the Ray cluster has 0 GPUs"),
     (["encoder.num_cpus=1"], {"CPU": 4.0}, "encoder.actors x encoder.num_cpus = 4 reserves all 4 CPUs"),
+    (["encoder.num_cpus=0.5", "encoder.memory_gib=2.5"], {"CPU": 4.0, "memory": 2 * GIB},
+     "the Ray cluster has 2.0 GiB of memory, less than one actor's encoder.memory_gib=2.5"),
 ])
 def test_auto_actors_that_cannot_fit_are_a_clear_error(overrides, resources, message):
     from pipeline.config import resolve_actors
@@ -166,4 +173,6 @@ def test_the_demo_uses_every_core_with_one_single_threaded_actor_each():
     cfg = load_config(REPO / "configs" / "demo.yaml")
     assert cfg.ray.num_cpus is None and cfg.ray.address is None  # a local Ray over every core
     assert cfg.encoder.torch_threads == 1 and cfg.encoder.num_gpus == 0
-    assert resolve_actors(cfg, {"CPU": 12.0}).encoder.actors == 12
+    assert resolve_actors(cfg, {"CPU": 12.0, "memory": 64 * GIB}).encoder.actors == 12
+    # the towers' memory is reserved, so a many-core machine with little RAM runs fewer actors, not out of memory
+    assert resolve_actors(cfg, {"CPU": 12.0, "memory": 8 * GIB}).encoder.actors == 3

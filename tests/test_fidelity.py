@@ -1,8 +1,14 @@
 """The pipeline's embeddings are Taiyi-CLIP's: they match the Hugging Face classes called directly."""
 
 import io
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import torch
 from PIL import Image
@@ -89,3 +95,37 @@ def test_token_ids_are_the_reference_tokenizers(tiny_models, tmp_path):
     assert ours.shape == (5, 77)
     assert ours.tolist() == ref
     assert ours[0, :5].tolist() == [101, 671, 1372, 4344, 102]  # [CLS] 一 只 猫 [SEP] in the real vocab
+
+
+
+LAYER_FAULTS = """
+import ctypes, ctypes.util, json, resource, sys
+from pipeline.encode import keep_freed_memory
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+size = 64 * 2**20
+
+def faults_of_one_layer():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+default = [faults_of_one_layer() for _ in range(2)]
+kept = keep_freed_memory()
+faults_of_one_layer()  # the heap grows once
+print(json.dumps({"default": default, "kept": kept, "after": faults_of_one_layer()}))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_freed_activations_are_reused_not_faulted_in_again():
+    """keep_freed_memory: a freed 64 MiB block (BERT's MLP output at batch 64 is 60 MB) is reused by the
+    next allocation; under glibc's defaults it is unmapped on free and all its 16,384 pages fault again.
+    In a fresh process: the in-process fidelity test above has already called it in this one."""
+    out = subprocess.run([sys.executable, "-c", LAYER_FAULTS], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    faults = json.loads(out.stdout)
+    assert min(faults["default"]) > 8_000  # the default: mapped afresh every time
+    assert faults["kept"] and faults["after"] < 100
