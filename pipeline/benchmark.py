@@ -337,7 +337,7 @@ def measure_ceiling(cfg: JobCfg, random_weights: bool, input_ids: np.ndarray, se
         from pipeline.run import ray_resources
 
         encode = ray_resources(cfg)["encode"]
-        actor = {k: encode[k] for k in ("num_cpus", "num_gpus", "memory") if k in encode}
+        actor = {k: encode[k] for k in ("num_cpus", "num_gpus", "memory", "runtime_env") if k in encode}
         probes = [ray.remote(**actor)(CeilingProbe).remote(cfg, random_weights)
                   for _ in range(actor_range(cfg.encoder.actors)[0])]
         try:

@@ -20,7 +20,7 @@ from pipeline import storage
 from pipeline.config import JobCfg, actor_range, resolve_actors
 from ray.data import ActorPoolStrategy
 
-from pipeline.encode import Encoder, decide_random_weights
+from pipeline.encode import KEEP_FREED_MEMORY_ENV, Encoder, decide_random_weights
 from pipeline.preprocess import preprocess, resolve_tokenizer
 from pipeline.progress import ProgressReport, SteadyClock
 from pipeline.read import read_shards
@@ -47,6 +47,8 @@ def ray_resources(cfg: JobCfg) -> dict:
     read = dict(num_cpus=cfg.read.num_cpus, max_calls=0)
     encode = dict(num_cpus=cfg.encoder.num_cpus, num_gpus=cfg.encoder.num_gpus, compute=pool,
                   batch_size=cfg.encoder.batch_size)
+    if cfg.encoder.num_gpus == 0:  # CPU towers: freed activations stay in the heap from the actor's start
+        encode["runtime_env"] = {"env_vars": KEEP_FREED_MEMORY_ENV}
     if cfg.encoder.memory_gib is not None:
         encode["memory"] = int(cfg.encoder.memory_gib * 2**30)
     if cfg.read.node_labels:
