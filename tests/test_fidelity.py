@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import pyarrow as pa
+import pytest
 import torch
 from PIL import Image
 
@@ -95,7 +95,6 @@ def test_token_ids_are_the_reference_tokenizers(tiny_models, tmp_path):
     assert ours.shape == (5, 77)
     assert ours.tolist() == ref
     assert ours[0, :5].tolist() == [101, 671, 1372, 4344, 102]  # [CLS] 一 只 猫 [SEP] in the real vocab
-
 
 
 LAYER_FAULTS = """
