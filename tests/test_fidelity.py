@@ -128,3 +128,35 @@ def test_freed_activations_are_reused_not_faulted_in_again():
     faults = json.loads(out.stdout)
     assert min(faults["default"]) > 8_000  # the default: mapped afresh every time
     assert faults["kept"] and faults["after"] < 100
+
+
+@pytest.mark.parametrize("tower", ["text", "image"])
+def test_random_towers_are_drawn_once_from_the_models_own_init(tower):
+    """The random-weight fallback builds on the meta device and initialises once: every buffer is what the
+    usual constructor makes, and every parameter has the spread transformers' own init gives it."""
+    from transformers import BertConfig, BertForSequenceClassification, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from pipeline.encode import initialised_once
+
+    model_class, config = {
+        "text": (BertForSequenceClassification, BertConfig(vocab_size=2000, hidden_size=128, num_hidden_layers=2,
+                                                          num_attention_heads=2, intermediate_size=512, num_labels=512)),
+        "image": (CLIPVisionModelWithProjection, CLIPVisionConfig(hidden_size=128, intermediate_size=512,
+                                                                  num_hidden_layers=2, num_attention_heads=2,
+                                                                  image_size=224, patch_size=32, projection_dim=512)),
+    }[tower]
+    torch.manual_seed(0)
+    usual, once = model_class(config), initialised_once(model_class, config)
+    usual_buffers = dict(usual.named_buffers())
+    assert usual_buffers and set(usual_buffers) == {name for name, _ in once.named_buffers()}
+    for name, buffer in once.named_buffers():
+        assert torch.equal(buffer, usual_buffers[name]), name
+    usual_params = dict(usual.named_parameters())
+    for name, param in once.named_parameters():
+        expected = usual_params[name]
+        assert param.shape == expected.shape and torch.isfinite(param).all(), name
+        if expected.std() == 0:  # constants: biases 0, LayerNorm weights 1
+            assert torch.equal(param, expected), name
+        else:
+            assert float(param.std()) == pytest.approx(float(expected.std()), rel=0.15), name
+            assert abs(float(param.mean())) < 0.2 * float(expected.std()) + 1e-3, name
