@@ -229,6 +229,14 @@ def write_summary(cfg: JobCfg, summary: dict) -> None:
     log.info("summary written to %s", storage.unstrip(fs, path))
 
 
+# A local Ray keeps an idle worker for a minute, not a second. Its raylet keeps as many idle workers as it has
+# unreserved CPUs; on a small machine whose cores the encoder actors reserve, that is 0-1, so the write and
+# commit tasks of every batch found their workers gone and booted new ones (~2 s of CPU each, taken from the
+# encoders: measured 9-15 worker starts per 512-pair demo run on 2 cores, and the runs with more were ~7%
+# slower). An idle worker costs ~0.01 of a core. A cluster's raylets keep their own settings (`ray start`).
+LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
+
+
 def init_ray(address: str | None, num_cpus: int | None) -> None:
     """Connect to `address` (or RAY_ADDRESS, which `ray job submit` sets), else start a local Ray with
     `num_cpus`; every job (embed, filter, eval, benchmark) starts Ray here."""
@@ -238,7 +246,7 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # our own progress lines; bars flood job logs
     ctx.max_errored_blocks = 0         # per-sample errors are rows: a failed block is a bug, never skipped
