@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import threading
 import time
+from typing import Callable
 
 MIN_SHARDS_FOR_ETA = 3  # an ETA from one or two commits is mostly start-up
 
@@ -24,9 +26,6 @@ class ProgressReport:
         self.started = self.last_time = started if started is not None else time.time()
         self.last_samples = 0
 
-    def due(self, now: float) -> bool:
-        return now - self.last_time >= self.interval_s
-
     def line(self, committed: int, failed: int, samples: int, now: float) -> str:
         elapsed, interval = max(now - self.started, 1e-9), max(now - self.last_time, 1e-9)
         recent = (samples - self.last_samples) / interval
@@ -37,6 +36,30 @@ class ProgressReport:
         if committed >= MIN_SHARDS_FOR_ETA and done < self.total:
             text += f", ETA {duration((self.total - done) * elapsed / done)}"
         return text
+
+
+class ProgressTicker:
+    """Emits `report.line(*counts())` every interval from a daemon thread, whether or not a batch arrived:
+    on CPU one batch can take longer than the interval, and a curator should still see a line per interval.
+    `counts` returns (committed, failed, samples) as the driver loop last updated them."""
+
+    def __init__(self, report: ProgressReport, counts: Callable[[], tuple[int, int, int]],
+                 emit: Callable[[str], None]):
+        self.report, self.counts, self.emit = report, counts, emit
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.report.interval_s):
+            self.emit(self.report.line(*self.counts(), now=time.time()))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
 class SteadyClock:

@@ -22,7 +22,7 @@ from ray.data import ActorPoolStrategy
 
 from pipeline.encode import KEEP_FREED_MEMORY_ENV, Encoder, decide_random_weights
 from pipeline.preprocess import preprocess, resolve_tokenizer
-from pipeline.progress import ProgressReport, SteadyClock
+from pipeline.progress import ProgressReport, ProgressTicker, SteadyClock
 from pipeline.read import read_shards
 from pipeline.schema import file_metadata
 from pipeline.shards import Shard, committed_names, list_shards
@@ -97,6 +97,25 @@ class ShardProgress:
     def complete(self) -> bool:
         return self.expected is not None and len(self.positions) >= self.expected
 
+    @property
+    def committable(self) -> bool:
+        return self.shard_error is None or self.shard_error.startswith(COMMITTABLE_SHARD_ERRORS)
+
+
+def take_row(shard: ShardProgress, row: dict, clock: SteadyClock) -> int:
+    """One output row of the flow: a written part (new samples are counted once; a part holding only samples
+    already written, a retried task's copy, is not used) or the shard's marker with its sample count.
+    Returns the number of new samples."""
+    if row["part"] is None:
+        shard.expected, shard.shard_error = row["shard_samples"], row["shard_error"]
+        return 0
+    new = set(row["positions"]) - shard.positions
+    if new:
+        shard.parts.append(row["part"])
+        shard.positions |= new
+        clock.add(row["encoder"], row["encode_started"], row["encoded_at"], len(new))
+    return len(new)
+
 
 def run_embed_job(cfg: JobCfg) -> dict:
     """Embed every uncommitted shard of cfg.input into cfg.output; return the run summary."""
@@ -148,31 +167,23 @@ def run_embed_job(cfg: JobCfg) -> dict:
 
     if todo:
         ds = build_dataset(cfg, todo, run_id, random_weights, tokenizer)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            last_output = time.time()
-            for row in batch.to_pylist():
-                shard = progress[row["shard"]]
-                if row["part"] is not None:
-                    new = set(row["positions"]) - shard.positions
-                    if new:  # a part holding only samples already written (a retried task's copy) is not used
-                        shard.parts.append(row["part"])
-                        shard.positions |= new
-                        samples_seen += len(new)
-                        clock.add(row["encoder"], row["encode_started"], row["encoded_at"], len(new))
-                else:
-                    shard.expected, shard.shard_error = row["shard_samples"], row["shard_error"]
-                if shard.complete and shard.url not in commits and shard.url not in results:
-                    committable = shard.shard_error is None or shard.shard_error.startswith(COMMITTABLE_SHARD_ERRORS)
-                    if committable:
-                        commits[shard.url] = commit_task.remote(cfg, run_id, shard.url, shard.parts, shard.expected,
-                                                                metadata)
-                    else:
-                        failed[shard.url] = shard.shard_error
-            collect(block=False)
-            now = time.time()
-            if report.due(now):
-                log.info("%s", report.line(len(results), len(failed), samples_seen, now))
+        ticker = ProgressTicker(report, lambda: (len(results), len(failed), samples_seen),
+                                lambda line: log.info("%s", line))
+        with ticker:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                last_output = time.time()
+                for row in batch.to_pylist():
+                    shard = progress[row["shard"]]
+                    samples_seen += take_row(shard, row, clock)
+                    if shard.complete and shard.url not in commits and shard.url not in results:
+                        if shard.committable:
+                            commits[shard.url] = commit_task.remote(cfg, run_id, shard.url, shard.parts,
+                                                                    shard.expected, metadata)
+                        else:
+                            failed[shard.url] = shard.shard_error
+                collect(block=False)
         collect(block=True)
+        log.info("%s", report.line(len(results), len(failed), samples_seen, time.time()))
         if fs.exists(staging_dir(cfg, run_id)):
             fs.rm(staging_dir(cfg, run_id), recursive=True)
         for shard in progress.values():

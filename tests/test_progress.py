@@ -1,11 +1,13 @@
 """Progress lines a curator can read: done / total, rates, failures, and an ETA once it means something."""
 
-from pipeline.progress import ProgressReport, duration
+import threading
+import time
+
+from pipeline.progress import ProgressReport, ProgressTicker, duration
 
 
 def test_progress_line_has_percent_rates_failures_and_eta():
     report = ProgressReport(total_shards=1000, interval_s=30, started=0.0)
-    assert not report.due(29.0) and report.due(30.0)
     first = report.line(committed=2, failed=0, samples=500, now=30.0)
     assert first.startswith("progress: 2/1000 shards committed (0.2% done), 0 failed, 500 samples")
     assert "ETA" not in first  # two shards: mostly start-up, no estimate yet
@@ -19,3 +21,26 @@ def test_progress_line_has_percent_rates_failures_and_eta():
 
 def test_durations_read_as_hours_and_minutes():
     assert duration(59) == "0m59s" and duration(3600 * 27 + 60 * 5) == "27h05m"
+
+
+def test_a_line_every_interval_while_no_batch_arrives():
+    """On CPU one batch can take longer than the interval: the lines keep coming, with the counts as the
+    driver last updated them, and stop when the run ends."""
+    counts, lines, three = [0, 0, 0], [], threading.Event()
+
+    def emit(line):
+        lines.append(line)
+        if len(lines) == 3:
+            three.set()
+
+    with ProgressTicker(ProgressReport(total_shards=10, interval_s=0.05), lambda: tuple(counts), emit):
+        assert three.wait(timeout=10)
+        counts[:] = [4, 1, 300]
+        deadline = time.time() + 10
+        while not lines[-1].startswith("progress: 4/10 shards committed (50.0% done), 1 failed, 300 samples"):
+            assert time.time() < deadline, lines
+            time.sleep(0.01)
+    stopped = len(lines)
+    time.sleep(0.2)
+    assert len(lines) == stopped  # the thread stopped with the run
+    assert lines[0].startswith("progress: 0/10 shards committed (0.0% done), 0 failed, 0 samples")
