@@ -6,6 +6,7 @@ shards -> read_shards (CPU) -> preprocess (CPU) -> Encoder actors (GPU/CPU) -> w
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import json
 import logging
@@ -131,8 +132,8 @@ def run_embed_job(cfg: JobCfg) -> dict:
     fs, out = storage.filesystem(cfg.output, cfg.storage)
     stale = staging_dir(cfg)
     if fs.exists(stale):
-        # parts left by a run that died before committing: never read, only removed
-        log.warning("removing staged parts of an earlier, interrupted run under %s", stale)
+        if fs.find(stale):  # parts left by a run that died before committing: never read, only removed
+            log.warning("removing staged parts of an earlier, interrupted run under %s", stale)
         fs.rm(stale, recursive=True)
     embeddings = storage.join(out, "embeddings")
     if storage.is_local(fs) and fs.exists(embeddings):
@@ -186,6 +187,9 @@ def run_embed_job(cfg: JobCfg) -> dict:
         log.info("%s", report.line(len(results), len(failed), samples_seen, time.time()))
         if fs.exists(staging_dir(cfg, run_id)):
             fs.rm(staging_dir(cfg, run_id), recursive=True)
+        if storage.is_local(fs):  # the then empty _staging folder too (object stores have no empty folders)
+            with contextlib.suppress(OSError):
+                fs.rmdir(staging_dir(cfg))
         for shard in progress.values():
             if shard.url not in results and shard.url not in failed:
                 failed[shard.url] = (shard.shard_error or
@@ -244,8 +248,10 @@ def write_summary(cfg: JobCfg, summary: dict) -> None:
 # unreserved CPUs; on a small machine whose cores the encoder actors reserve, that is 0-1, so the write and
 # commit tasks of every batch found their workers gone and booted new ones (~2 s of CPU each, taken from the
 # encoders: measured 9-15 worker starts per 512-pair demo run on 2 cores, and the runs with more were ~7%
-# slower). An idle worker costs ~0.01 of a core. A cluster's raylets keep their own settings (`ray start`).
-LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
+# slower). An idle worker costs ~0.01 of a core. And no metrics are recorded: a local Ray without a dashboard
+# has nothing that reads them, and recording them cost an idle local Ray ~0.02 of a core (0.105 -> 0.087, two
+# runs each, Ray Data's helper actors up). A cluster's raylets keep their own settings (`ray start`).
+LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000, "enable_metrics_collection": False}
 
 
 def init_ray(address: str | None, num_cpus: int | None) -> None:
