@@ -77,28 +77,28 @@ def decide_random_weights(cfg: JobCfg) -> bool:
 
 def load_towers(cfg: JobCfg, random_weights: bool):
     """(text model, image model) in eval mode. Only the vision tower and projection of CLIP are loaded."""
-    from transformers import (BertConfig, BertForSequenceClassification, CLIPVisionConfig,
-                              CLIPVisionModelWithProjection)
+    from transformers import BertForSequenceClassification, CLIPVisionModelWithProjection
 
+    text_source, text_revision = cfg.model.text, cfg.model.text_revision
+    image_source, image_revision = cfg.model.image, cfg.model.image_revision
     if random_weights:
         log.warning("RANDOM WEIGHTS of the architectures of %s / %s: embeddings are meaningless",
                     cfg.model.text, cfg.model.image)
-        text = initialised_once(BertForSequenceClassification, BertConfig(**TEXT_ARCH))
-        image = initialised_once(CLIPVisionModelWithProjection, CLIPVisionConfig(**IMAGE_ARCH))
-    else:
-        # safetensors are preferred when present; .bin files load with torch.load(weights_only=True)
-        with quiet_transformers(errors_only=False):
-            text, text_info = BertForSequenceClassification.from_pretrained(
-                cfg.model.text, revision=cfg.model.text_revision, output_loading_info=True)
-        with quiet_transformers():  # skipping CLIP's text tower is intended, not worth a warning table
-            image, image_info = CLIPVisionModelWithProjection.from_pretrained(
-                cfg.model.image, revision=cfg.model.image_revision, output_loading_info=True)
-        # a checkpoint without the 512-way classifier or the visual projection would load with those
-        # layers randomly initialised, and every score would be noise: refuse instead
-        for name, info in ((cfg.model.text, text_info), (cfg.model.image, image_info)):
-            if info.get("missing_keys"):
-                raise ValueError(f"{name} lacks weights the embedding needs (they would be random): "
-                                 f"{', '.join(sorted(info['missing_keys'])[:5])}")
+        (text_source, image_source), text_revision, image_revision = random_checkpoints(), None, None
+    # safetensors are preferred when present, and mapped, not copied: the actors of a node share the pages;
+    # .bin files load with torch.load(weights_only=True)
+    with quiet_transformers(errors_only=False):
+        text, text_info = BertForSequenceClassification.from_pretrained(
+            text_source, revision=text_revision, output_loading_info=True)
+    with quiet_transformers():  # skipping CLIP's text tower is intended, not worth a warning table
+        image, image_info = CLIPVisionModelWithProjection.from_pretrained(
+            image_source, revision=image_revision, output_loading_info=True)
+    # a checkpoint without the 512-way classifier or the visual projection would load with those
+    # layers randomly initialised, and every score would be noise: refuse instead
+    for name, info in ((cfg.model.text, text_info), (cfg.model.image, image_info)):
+        if info.get("missing_keys"):
+            raise ValueError(f"{name} lacks weights the embedding needs (they would be random): "
+                             f"{', '.join(sorted(info['missing_keys'])[:5])}")
     if text.config.num_labels != EMBEDDING_DIM or image.config.projection_dim != EMBEDDING_DIM:
         raise ValueError(f"expected {EMBEDDING_DIM}-d towers, got text num_labels={text.config.num_labels}, "
                          f"image projection_dim={image.config.projection_dim}")
@@ -108,13 +108,63 @@ def load_towers(cfg: JobCfg, random_weights: bool):
     return text.eval(), image.eval()
 
 
+RANDOM_SEED = 0
+
+
+def cache_dir() -> Path:
+    """This machine's cache of the pipeline: $TAIYI_EMBED_CACHE, else ~/.cache/taiyi-embed."""
+    return Path(os.environ.get("TAIYI_EMBED_CACHE") or Path.home() / ".cache" / "taiyi-embed")
+
+
+def random_checkpoints() -> tuple[str, str]:
+    """Folders of the two towers with random weights of the real architectures (text, image).
+
+    Drawn once per machine (seed 0, so every node draws the same ones) and saved in the cache; every actor
+    then loads them as it loads real weights. So all actors of a run embed with the same weights, and the
+    actors of a node map one copy of them (~760 MB) instead of each drawing its own. The first actor of a
+    node draws and saves them (~5 s on one core) while the others wait on a lock."""
+    import fcntl
+    import hashlib
+    import json
+
+    import torch
+    import transformers
+    from transformers import BertConfig, BertForSequenceClassification, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    towers = {"text": (BertForSequenceClassification, BertConfig(**TEXT_ARCH)),
+              "image": (CLIPVisionModelWithProjection, CLIPVisionConfig(**IMAGE_ARCH))}
+    key = hashlib.sha256(json.dumps([TEXT_ARCH, IMAGE_ARCH, RANDOM_SEED, torch.__version__,
+                                     transformers.__version__]).encode()).hexdigest()[:12]
+    root = cache_dir() / "random-weights" / key
+    folders = {name: root / name for name in towers}
+    if not all((folder / "config.json").exists() for folder in folders.values()):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RuntimeError(f"random weights are saved in a cache folder, and {root} cannot be made ({exc}): "
+                               "set TAIYI_EMBED_CACHE to a writable folder") from exc
+        with open(root / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+            for name, (model_class, config) in towers.items():
+                if (folders[name] / "config.json").exists():  # saved by another actor while this one waited
+                    continue
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(RANDOM_SEED)
+                    model = initialised_once(model_class, config)
+                staging = root / f".{name}-{uuid.uuid4().hex[:8]}"
+                with quiet_transformers():
+                    model.save_pretrained(staging)
+                staging.rename(folders[name])  # readers see a whole checkpoint or none
+                log.warning("random weights for %s drawn and saved in %s", name, folders[name])
+    return str(folders["text"]), str(folders["image"])
+
+
 def initialised_once(model_class, config):
     """A model of random weights, drawn once by the model's own init (transformers' _init_weights).
 
     Built the usual way, every layer is first filled by torch's default init and then drawn again by
-    transformers': ~1.6 s per tower on one core, in every actor of a random-weight run. Built on the meta
-    device, the layers hold no memory until to_empty; init_weights then draws each parameter and buffer
-    once, from the same distributions."""
+    transformers': ~1.6 s per tower on one core. Built on the meta device, the layers hold no memory until
+    to_empty; init_weights then draws each parameter and buffer once, from the same distributions."""
     import torch
 
     with torch.device("meta"):

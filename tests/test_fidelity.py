@@ -160,3 +160,41 @@ def test_random_towers_are_drawn_once_from_the_models_own_init(tower):
         else:
             assert float(param.std()) == pytest.approx(float(expected.std()), rel=0.15), name
             assert abs(float(param.mean())) < 0.2 * float(expected.std()) + 1e-3, name
+
+
+def test_random_weights_are_drawn_once_per_machine_and_every_encoder_loads_them(tmp_path, monkeypatch, caplog):
+    """Random towers are drawn once (seed 0) into the cache, under a lock, and loaded like real weights: encoders
+    that start together draw them once, and every encoder embeds with the same weights."""
+    import threading
+
+    from pipeline import encode
+    from pipeline.config import load_config
+
+    monkeypatch.setenv("TAIYI_EMBED_CACHE", str(tmp_path / "cache"))
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
+    monkeypatch.setattr(encode, "TEXT_ARCH", {**encode.TEXT_ARCH, **small, "vocab_size": 1000})
+    monkeypatch.setattr(encode, "IMAGE_ARCH", {**encode.IMAGE_ARCH, **small})
+    cfg = load_config(None, ["input=unused", f"output={tmp_path / 'out'}", "model.random_weights=true"])
+
+    loaded = []
+    starters = [threading.Thread(target=lambda: loaded.append(encode.load_towers(cfg, random_weights=True)))
+                for _ in range(3)]
+    for thread in starters:
+        thread.start()
+    for thread in starters:
+        thread.join()
+    assert len(loaded) == 3
+    assert sum("drawn and saved" in r.getMessage() for r in caplog.records) == 2  # text and image, once each
+    (root,) = (tmp_path / "cache" / "random-weights").iterdir()
+    assert sorted(p.name for p in root.iterdir()) == [".lock", "image", "text"]  # no half-written folder left
+    for text, image in loaded[1:]:
+        for mine, first in ((text, loaded[0][0]), (image, loaded[0][1])):
+            first_params = dict(first.named_parameters())
+            for name, param in mine.named_parameters():
+                assert torch.equal(param, first_params[name]), name
+    assert float(loaded[0][0].classifier.weight.detach().std()) > 0  # drawn, not zeros
+
+    # drawn again from scratch (a new machine, or another node): the same weights, from the seed
+    monkeypatch.setenv("TAIYI_EMBED_CACHE", str(tmp_path / "other-node"))
+    text, _ = encode.load_towers(cfg, random_weights=True)
+    assert torch.equal(text.classifier.weight, loaded[0][0].classifier.weight)
