@@ -2,6 +2,10 @@
 
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -139,3 +143,26 @@ def test_decode_on_encoder_keeps_the_contract_and_two_batches_in_flight(local_ra
     a = np.array(exact.filter(ok).column("image_embedding").to_pylist(), np.float32)
     b = np.array(on_encoder.filter(ok).column("image_embedding").to_pylist(), np.float32)
     assert (a * b).sum(1).min() > 0.99
+
+
+BATCH_POLICY_CHECK = """
+import os, sys
+import psutil, ray
+from pipeline.run import init_ray
+
+before = os.sched_getscheduler(0)
+init_ray(None, 1)
+worker = ray.get(ray.remote(num_cpus=0)(lambda: os.sched_getscheduler(0)).remote())
+raylet = next(p for p in psutil.Process().children(recursive=True) if "raylet" in p.name())
+print(before == os.SCHED_OTHER, worker == os.SCHED_BATCH, os.sched_getscheduler(raylet.pid) == os.SCHED_BATCH)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setscheduler"), reason="Linux scheduling policies")
+def test_a_local_ray_runs_under_the_batch_policy(tmp_path):
+    """A job that starts its own Ray (the demo) puts it under SCHED_BATCH: the raylet and its workers inherit it
+    (BENCHMARKS.md, "Batch scheduling"). In a child process: the policy would otherwise stay on pytest's thread."""
+    result = subprocess.run([sys.executable, "-c", BATCH_POLICY_CHECK], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-3:] == ["True", "True", "True"], result.stdout
