@@ -254,26 +254,26 @@ def write_summary(cfg: JobCfg, summary: dict) -> None:
 LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000, "enable_metrics_collection": False}
 
 
-def schedule_as_batch_job() -> bool:
+def schedule_as_batch_job() -> None:
     """Put this thread, and every process started from it from now on, under Linux's SCHED_BATCH policy.
 
-    Called before a local Ray starts, so that its GCS, raylet and (through the raylet) every worker inherit
-    it. Nice values stay as they are; what changes is that a process of the job that wakes up no longer
-    preempts the one running, it waits for the next scheduler tick. An idle Ray process wakes ~100-150 times
-    a second (its core worker's 10 ms signal check; Ray Data's driver polls its output every 10 ms), and on a
-    small machine every wake used to preempt an encoder: measured on 2 cores, ~470 preemptions a second per
-    encoder in the steady window, and ~6% fewer pairs per CPU-second than an encoder alone. With the policy,
-    ~250 (BENCHMARKS.md, "Batch scheduling"). Other programs on the machine still preempt the job as before.
-    A cluster's processes keep the policy they were started with (`ray start`). Returns whether it was set
-    (not on macOS or Windows, nor where a sandbox forbids it)."""
+    Called right before a local Ray starts: its GCS, raylet and (through the raylet) every worker inherit
+    the policy. Nice values stay as they are. What changes: a process of the job that wakes up no longer
+    preempts the one running; it runs at the next scheduler tick.
+
+    Why: an idle Ray process wakes ~100-150 times a second (its core worker's 10 ms signal check; Ray Data's
+    driver polls its output every 10 ms). On a small machine every wake preempted an encoder, which then went
+    on from cold caches. Measured on 2 cores, per encoder in the steady window: ~470 preemptions a second
+    before, ~250 with the policy, and 6% more pairs per CPU-second (BENCHMARKS.md, "Batch scheduling").
+
+    Other programs on the machine still preempt the job. A cluster's processes keep the policy they were
+    started with (`ray start`). No-op off Linux, or where a sandbox forbids it."""
     if not hasattr(os, "sched_setscheduler"):
-        return False
+        return
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except OSError as exc:
         log.info("local Ray keeps the default scheduling policy: %s", exc)
-        return False
-    return True
 
 
 def init_ray(address: str | None, num_cpus: int | None) -> None:
