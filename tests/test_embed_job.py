@@ -146,7 +146,7 @@ def test_decode_on_encoder_keeps_the_contract_and_two_batches_in_flight(local_ra
 
 
 BATCH_POLICY_CHECK = """
-import os, sys
+import os
 import psutil, ray
 from pipeline.run import init_ray
 
