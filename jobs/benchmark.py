@@ -5,7 +5,7 @@
     python jobs/benchmark.py --tiny --pairs 32      # smoke run with tiny models (CI): figures mean nothing
 
 Where Ray is not installed (the lent GPU machine has none, and cannot install it), the stages run without Ray
-(pipeline/inprocess.py) and every figure is labelled so.
+(pipeline/bench/inprocess.py) and every figure is labelled so.
 """
 
 import argparse
@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from pipeline.benchmark import format_table, run_benchmark, tiny_checkpoints
+    from pipeline.bench.benchmark import run_benchmark, tiny_checkpoints
+    from pipeline.bench.table import format_table
 
     overrides = list(args.set)
     if args.tiny:

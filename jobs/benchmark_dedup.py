@@ -4,7 +4,7 @@
     python jobs/benchmark_dedup.py --pairs 20000 --subset 5000      # smoke run (CI)
     python jobs/benchmark_dedup.py --copy-cosines --config configs/benchmark.yaml
 
-Prints and writes: wall time, peak memory, recall against brute force (pipeline/dedup_benchmark.py). With
+Prints and writes: wall time, peak memory, recall against brute force (pipeline/bench/dedup.py). With
 --copy-cosines instead: how close reposted copies of a photo (re-encoded, resized, cropped, watermarked) stay
 to it through the config's image tower, against distinct photos: a guide for choosing dedup_threshold.
 """
@@ -41,8 +41,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from pipeline.curate import FilterCfg
-    from pipeline.dedup_benchmark import copy_cosines, run_dedup_benchmark
+    from pipeline.curate.run import FilterCfg
+    from pipeline.bench.dedup import copy_cosines, run_dedup_benchmark
 
     if args.copy_cosines:
         from pipeline.config import load_config

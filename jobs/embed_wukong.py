@@ -30,9 +30,9 @@ def main(argv=None) -> int:
         return 2
     logging.getLogger("embed").info("resolved config:\n%s", dump(cfg))
 
-    from pipeline.demo import make_demo_shards
-    from pipeline.run import init_ray, run_embed_job
-    from pipeline.storage import StorageError
+    from pipeline.embed.demo import make_demo_shards
+    from pipeline.embed.run import init_ray, run_embed_job
+    from pipeline.io.storage import StorageError
 
     if cfg.make_demo_shards:
         make_demo_shards(cfg)

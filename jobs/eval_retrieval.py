@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.evaluate import load_eval_config  # noqa: E402
+from pipeline.eval.evaluate import load_eval_config  # noqa: E402
 from pipeline.logs import drop_false_alarms  # noqa: E402
 
 
@@ -29,9 +29,9 @@ def main(argv=None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
 
-    from pipeline import storage
-    from pipeline.evaluate import evaluate
-    from pipeline.run import init_ray
+    from pipeline.io import storage
+    from pipeline.eval.evaluate import evaluate
+    from pipeline.embed.run import init_ray
 
     init_ray(None, None)
     metrics = evaluate(cfg)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.curate import load_filter_config  # noqa: E402
+from pipeline.curate.run import load_filter_config  # noqa: E402
 from pipeline.logs import drop_false_alarms  # noqa: E402
 
 
@@ -30,8 +30,8 @@ def main(argv=None) -> int:
         return 2
     logging.getLogger("filter").info("resolved config:\n%s", json.dumps(asdict(cfg), indent=2))
 
-    from pipeline.curate import run_filter_job
-    from pipeline.run import init_ray
+    from pipeline.curate.run import run_filter_job
+    from pipeline.embed.run import init_ray
 
     init_ray(cfg.ray_address, cfg.ray_num_cpus)
     try:

@@ -150,7 +150,7 @@ class JobCfg:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobCfg:
     """Read a YAML file, apply `dotted.key=value` overrides, build and validate the config."""
-    cfg = _build(JobCfg, read_raw(path, overrides), "")
+    cfg = build_config(JobCfg, read_raw(path, overrides), "")
     validate(cfg)
     return cfg
 
@@ -196,7 +196,7 @@ def _parse_override(value: str):
     return value if isinstance(parsed, (dict, list)) else parsed
 
 
-def _build(cls, raw: dict[str, Any], prefix: str):
+def build_config(cls, raw: dict[str, Any], prefix: str):
     if not isinstance(raw, dict):
         raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
     hints = get_type_hints(cls)
@@ -213,7 +213,7 @@ def _build(cls, raw: dict[str, Any], prefix: str):
 
 def _coerce(hint, value, where: str):
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value if value is not None else {}, where + ".")
+        return build_config(hint, value if value is not None else {}, where + ".")
     if get_origin(hint) is dict:
         if isinstance(value, str):  # from --set: read.node_labels='{node-kind: cpu}'
             value = yaml.safe_load(value) if value.strip() else {}

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.demo import encode_image, shape_image, write_tar_shard
-from pipeline.preprocess import BUNDLED_VOCAB_DIR
+from pipeline.embed.demo import encode_image, shape_image, write_tar_shard
+from pipeline.embed.preprocess import BUNDLED_VOCAB_DIR
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the Hub
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")

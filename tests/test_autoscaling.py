@@ -5,8 +5,8 @@ import time
 import pyarrow.parquet as pq
 import pytest
 from conftest import CAPTIONS, encoder_placement, job_config
-from pipeline.demo import encode_image, shape_image, write_tar_shard
-from pipeline.run import run_embed_job
+from pipeline.embed.demo import encode_image, shape_image, write_tar_shard
+from pipeline.embed.run import run_embed_job
 
 N_SHARDS, PER_SHARD = 40, 10
 ALL_KEYS = sorted(f"{s:05d}{i:04d}" for s in range(N_SHARDS) for i in range(PER_SHARD))

@@ -14,9 +14,9 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from conftest import job_config, rgb_image, sample_members
-from pipeline.demo import encode_image, write_tar_shard
-from pipeline.read import MARKER_POSITION, read_shards
-from pipeline.run import run_embed_job
+from pipeline.embed.demo import encode_image, write_tar_shard
+from pipeline.embed.read import MARKER_POSITION, read_shards
+from pipeline.embed.run import run_embed_job
 
 CAPTION = "一张测试图片".encode()
 

@@ -130,7 +130,7 @@ def test_steady_clock_one_actor():
 def test_memory_sampler_keeps_peaks_shorter_than_its_interval():
     import subprocess
 
-    from pipeline.benchmark import MemorySampler
+    from pipeline.bench.samplers import MemorySampler
 
     code = ("import numpy as np, time; a = np.ones(40_000_000); a += 1; del a; print('freed', flush=True); "
             "time.sleep(60)")
@@ -171,7 +171,7 @@ def test_dedup_benchmark_smoke(tmp_path):
 
 
 def test_copy_cosines_smoke(tmp_path):
-    from pipeline.dedup_benchmark import REPOSTS
+    from pipeline.bench.dedup import REPOSTS
 
     report = run_dedup_benchmark_job(tmp_path, "--copy-cosines", "--photos", "4")
     assert report["weights"].startswith("RANDOM") and report["photos"] == 4

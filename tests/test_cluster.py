@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import encoder_placement, job_config, make_shards
-from pipeline.run import run_embed_job
+from pipeline.embed.run import run_embed_job
 
 N_SHARDS, PER_SHARD = 8, 6
 ALL_KEYS = sorted(f"{s:05d}{i:04d}" for s in range(N_SHARDS) for i in range(PER_SHARD))

@@ -86,8 +86,8 @@ def test_cli_reports_config_errors_before_ray_starts():
 
 
 def test_shipped_configs_are_valid():
-    from pipeline.curate import load_filter_config
-    from pipeline.evaluate import load_eval_config
+    from pipeline.curate.run import load_filter_config
+    from pipeline.eval.evaluate import load_eval_config
 
     configs = {p.name for p in (REPO / "configs").glob("*.yaml")}
     assert configs == {"demo.yaml", "wukong.yaml", "benchmark.yaml", "benchmark-gpu.yaml", "filter.yaml",
@@ -107,7 +107,7 @@ def test_a_checkpoint_missing_the_projection_is_refused(tiny_models, tmp_path):
     would load with random layers; the encoder refuses it, naming the weights."""
     from transformers import BertModel, CLIPVisionModel
 
-    from pipeline.encode import load_towers
+    from pipeline.embed.encode import load_towers
 
     text, image = tiny_models
     CLIPVisionModel.from_pretrained(image).save_pretrained(tmp_path / "no-projection")
@@ -122,7 +122,7 @@ def test_a_checkpoint_missing_the_projection_is_refused(tiny_models, tmp_path):
 
 
 def test_demo_config_never_writes_over_real_data(tmp_path):
-    from pipeline.demo import make_demo_shards
+    from pipeline.embed.demo import make_demo_shards
 
     (tmp_path / "00000.tar").write_bytes(b"a user's shard")
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"input={tmp_path}/{{00000..00002}}.tar"])

@@ -7,10 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.curate import load_filter_config, run_filter_job
+from pipeline.curate.run import load_filter_config, run_filter_job
 from pipeline.config import StorageCfg
-from pipeline.dedup import Table, components, find_edges, pair_id, search_partition
-from pipeline.schema import embedding_table_schema
+from pipeline.curate.dedup import Table, components, find_edges, pair_id, search_partition
+from pipeline.io.schema import embedding_table_schema
 
 D = 512
 T = 0.9  # cos 20 deg = 0.940 >= T > cos 40 deg = 0.766

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from conftest import CAPTIONS, images_decoded_in_chromium, job_config, needs_chromium
-from pipeline.curate import load_filter_config, run_filter_job
-from pipeline.dedup_benchmark import repost
-from pipeline.demo import write_tar_shard
-from pipeline.run import run_embed_job
-from pipeline.tables import image_vectors
+from pipeline.curate.run import load_filter_config, run_filter_job
+from pipeline.bench.dedup import repost
+from pipeline.embed.demo import write_tar_shard
+from pipeline.embed.run import run_embed_job
+from pipeline.io.tables import image_vectors
 
 # Chosen from measured cosines (the test asserts both sides). With the tiny checkpoint's image tower, the
 # copies below measured >= 0.99975 of each other, distinct photos <= 0.9956 (torch 2.13 CPU).

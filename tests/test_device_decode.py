@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 
 from conftest import rgb_image
-from pipeline.benchmark import benchmark_photos
+from pipeline.bench.photos import benchmark_photos
 from pipeline.config import load_config
-from pipeline.demo import encode_image
-from pipeline.device_decode import DeviceDecoder, device_decodable
-from pipeline.preprocess import SampleError, decode_image
+from pipeline.embed.demo import encode_image
+from pipeline.embed.device_decode import DeviceDecoder, device_decodable
+from pipeline.embed.image import SampleError, decode_image
 from test_bad_data import IMAGE_CASES
 
 SIZE, MAX_PIXELS = 224, 50_000_000
@@ -97,7 +97,7 @@ class WrongKernelDecoder(DeviceDecoder):
         self.mode, self.antialias = mode, antialias
 
     def resize_center_crop(self, image):
-        from pipeline.preprocess import resize_geometry
+        from pipeline.embed.image import resize_geometry
 
         _, height, width = image.shape
         new_w, new_h, top, left = resize_geometry(width, height, self.size)
@@ -109,7 +109,7 @@ class WrongKernelDecoder(DeviceDecoder):
 def test_device_path_embeddings_are_within_6e4_on_the_real_vit_b32_layout(photos, tmp_path):
     """Default-init ViT-B/32 (the real layout, random weights): the right kernel stays within 6e-4 per
     component of the exact path's embedding; bilinear, or bicubic without antialias, do not."""
-    from pipeline.encode import Encoder
+    from pipeline.embed.encode import Encoder
 
     cfg = load_config(None, ["input=unused", f"output={tmp_path}", "model.random_weights=true",
                              "model.precision=fp32", "encoder.torch_threads=2"])

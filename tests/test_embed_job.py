@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import job_config, make_shards, sample_members
-from pipeline.demo import write_tar_shard
-from pipeline.run import run_embed_job
-from pipeline.schema import read_metadata
+from pipeline.embed.demo import write_tar_shard
+from pipeline.embed.run import run_embed_job
+from pipeline.io.schema import read_metadata
 
 CONTRACT = [("key", pa.string()), ("shard", pa.string()), ("caption", pa.string()), ("url", pa.string()),
             ("status", pa.string()), ("error", pa.string()),
@@ -124,7 +124,7 @@ def test_decode_on_encoder_keeps_the_contract_and_two_batches_in_flight(local_ra
     folder, _ = shards
     inputs = f"{folder}/{{00000..00003}}.tar"
     run_embed_job(job_config(tiny_models, inputs, str(tmp_path / "tasks")))
-    with caplog.at_level(logging.INFO, logger="pipeline.run"):
+    with caplog.at_level(logging.INFO, logger="pipeline.embed.run"):
         summary = run_embed_job(job_config(tiny_models, inputs, str(tmp_path / "encoder"), "read.decode_on=encoder",
                                            "encoder.batches_in_flight=2", "ray.progress_interval_s=0.5"))
     import ray._private.state  # the GCS's actor table: this module's Ray runs without the dashboard
@@ -148,7 +148,7 @@ def test_decode_on_encoder_keeps_the_contract_and_two_batches_in_flight(local_ra
 BATCH_POLICY_CHECK = """
 import os
 import psutil, ray
-from pipeline.run import init_ray
+from pipeline.embed.run import init_ray
 
 before = os.sched_getscheduler(0)
 init_ray(None, 1)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import CAPTIONS, rgb_image
-from pipeline.demo import encode_image, write_tar_shard
-from pipeline.evaluate import evaluate, load_eval_config, retrieval_recall, zeroshot_accuracy
+from pipeline.embed.demo import encode_image, write_tar_shard
+from pipeline.eval.evaluate import evaluate, load_eval_config, retrieval_recall, zeroshot_accuracy
 
 U, PER_IMAGE, D = 20, 2, 512
 
@@ -93,7 +93,7 @@ def test_eval_job_matches_the_reference_path(local_ray, tiny_models, tmp_path):
     assert metrics["retrieval"]["images"] == 6 and metrics["retrieval"]["captions"] == 12
     for name, value in expected.items():
         assert metrics["retrieval"][name] == pytest.approx(value), name
-    from pipeline.evaluate import DEFAULT_TEMPLATES
+    from pipeline.eval.evaluate import DEFAULT_TEMPLATES
 
     prompts = [t.format(c) for c in ("猫", "狗", "汽车") for t in DEFAULT_TEMPLATES]
     _, prompt_emb, _ = reference_embeddings(text, image, images[:1] * len(prompts), prompts)

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from conftest import CAPTIONS, job_config, rgb_image
-from pipeline.demo import encode_image, write_tar_shard
-from pipeline.encode import Encoder
-from pipeline.preprocess import preprocess, resolve_tokenizer
-from pipeline.read import read_shards
+from pipeline.embed.demo import encode_image, write_tar_shard
+from pipeline.embed.encode import Encoder
+from pipeline.embed.preprocess import preprocess, resolve_tokenizer
+from pipeline.embed.read import read_shards
 
 
 def reference_embeddings(text_dir, image_dir, images: list[bytes], captions: list[str]):
@@ -86,7 +86,7 @@ def test_stages_match_reference_without_ray(tiny_models, tmp_path):
 def test_token_ids_are_the_reference_tokenizers(tiny_models, tmp_path):
     from transformers import BertTokenizer
 
-    from pipeline.preprocess import load_tokenizer, tokenize
+    from pipeline.embed.preprocess import load_tokenizer, tokenize
 
     captions = ["一只猫", "Hello 世界 123!", "😀 表情", "a" * 300, "控制\x07字符"]
     ours = tokenize(load_tokenizer(str(tiny_models[0]), None), captions)
@@ -99,7 +99,7 @@ def test_token_ids_are_the_reference_tokenizers(tiny_models, tmp_path):
 
 LAYER_FAULTS = """
 import ctypes, ctypes.util, json, resource, sys
-from pipeline.encode import keep_freed_memory
+from pipeline.embed.encode import keep_freed_memory
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
 size = 64 * 2**20
@@ -136,7 +136,7 @@ def test_random_towers_are_drawn_once_from_the_models_own_init(tower):
     usual constructor makes, and every parameter has the spread transformers' own init gives it."""
     from transformers import BertConfig, BertForSequenceClassification, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from pipeline.encode import initialised_once
+    from pipeline.embed.encode import initialised_once
 
     model_class, config = {
         "text": (BertForSequenceClassification, BertConfig(vocab_size=2000, hidden_size=128, num_hidden_layers=2,
@@ -167,7 +167,7 @@ def test_random_weights_are_drawn_once_per_machine_and_every_encoder_loads_them(
     that start together draw them once, and every encoder embeds with the same weights."""
     import threading
 
-    from pipeline import encode
+    from pipeline.embed import encode
     from pipeline.config import load_config
 
     monkeypatch.setenv("TAIYI_EMBED_CACHE", str(tmp_path / "cache"))

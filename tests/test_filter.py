@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import job_config, make_shards, sample_members
-from pipeline.curate import load_filter_config, run_filter_job
-from pipeline.demo import write_tar_shard
-from pipeline.run import run_embed_job
-from pipeline.schema import embedding_table_schema
+from pipeline.curate.run import load_filter_config, run_filter_job
+from pipeline.embed.demo import write_tar_shard
+from pipeline.embed.run import run_embed_job
+from pipeline.io.schema import embedding_table_schema
 
 
 def synthetic_tables(folder, similarities_per_shard, error_every=7):

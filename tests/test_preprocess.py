@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from conftest import rgb_image
-from pipeline.demo import encode_image
-from pipeline.preprocess import SampleError, decode_caption, decode_image, decode_url
+from pipeline.embed.demo import encode_image
+from pipeline.embed.image import SampleError, decode_image
+from pipeline.embed.preprocess import decode_caption, decode_url
 
 
 def reference_pixels(image: Image.Image) -> np.ndarray:

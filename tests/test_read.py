@@ -5,8 +5,8 @@ import tarfile
 import pyarrow as pa
 
 from conftest import job_config, sample_members
-from pipeline.demo import write_tar_shard
-from pipeline.read import MARKER_POSITION, iter_tar_samples, positioned_members, read_shards, split_member_name
+from pipeline.embed.demo import write_tar_shard
+from pipeline.embed.read import MARKER_POSITION, iter_tar_samples, positioned_members, read_shards, split_member_name
 
 
 def read_all(tiny_models, tmp_path, path) -> tuple[list[dict], dict]:

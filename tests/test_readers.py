@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import job_config, make_shards
-from pipeline.run import run_embed_job
+from pipeline.embed.run import run_embed_job
 
 
 @pytest.fixture(scope="module")

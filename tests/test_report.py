@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from conftest import CHROMIUM, CHROMIUM_FLAGS, images_decoded_in_chromium, job_config, make_shards, needs_chromium
-from pipeline.curate import load_filter_config, run_filter_job
-from pipeline.run import run_embed_job
+from pipeline.curate.run import load_filter_config, run_filter_job
+from pipeline.embed.run import run_embed_job
 
 
 @pytest.fixture(scope="module")

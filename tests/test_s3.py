@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import job_config, make_shards
-from pipeline.run import run_embed_job
-from pipeline.storage import StorageError
+from pipeline.embed.run import run_embed_job
+from pipeline.io.storage import StorageError
 from s3_server import SECRET, FlakyProxy, all_objects, moto_server, new_bucket, upload_folder
 
 

@@ -5,7 +5,7 @@ PIL does (a complete baseline JPEG, RGB or grey, upright, within the pixel cap a
 decoded in one batch on the device, resized shortest edge to 224 with bicubic + antialias in float32, rounded
 to 8 bit and center-cropped: the reference protocol's arithmetic, on the device. Every other image (PNG, WebP,
 GIF, progressive or CMYK JPEG, EXIF-rotated, truncated, garbage) takes the exact CPU path
-(preprocess.decode_image) one by one, so a bad image becomes the same error row, with the same reason, as with
+(image.decode_image) one by one, so a bad image becomes the same error row, with the same reason, as with
 read.decode_on=tasks.
 
 Decoders: torchvision.io.decode_jpeg on CUDA (batched nvJPEG; torchvision is in most CUDA images and uses
@@ -21,7 +21,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from pipeline.preprocess import MAX_EXACT_ASPECT, SampleError, decode_image, resize_geometry
+from pipeline.embed.image import MAX_EXACT_ASPECT, SampleError, decode_image, resize_geometry
 
 EXIF_ORIENTATION = 0x0112
 JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
@@ -123,7 +123,7 @@ class DeviceDecoder:
                 for p in payloads]
 
     def resize_center_crop(self, image):
-        """The exact path's resize (preprocess.resize_center_crop) with torch's bicubic + antialias kernel:
+        """The exact path's resize (image.resize_center_crop) with torch's bicubic + antialias kernel:
         3 x size x size float32, not yet rounded to 8 bit."""
         import torch
 

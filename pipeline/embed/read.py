@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from pipeline import storage
+from pipeline.io import storage
 from pipeline.config import JobCfg
 
 log = logging.getLogger(__name__)

@@ -7,9 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline.io import storage
 from pipeline.config import StorageCfg
-from pipeline.schema import METADATA_KEY, read_metadata
+from pipeline.io.schema import METADATA_KEY, read_metadata
 
 
 def embedding_files(embeddings: str, storage_cfg: StorageCfg, field: str = "embeddings") -> list[str]:

@@ -22,12 +22,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipeline import storage, tables
-from pipeline.config import StorageCfg, _build, validate_positive
-from pipeline.dedup import (MATCHES_REFERENCE, NEAR_DUPLICATE, dropped_positions, find_duplicates,
+from pipeline.io import storage, tables
+from pipeline.config import StorageCfg, build_config, validate_positive
+from pipeline.curate.dedup import (MATCHES_REFERENCE, NEAR_DUPLICATE, dropped_positions, find_duplicates,
                             reference_tables)
-from pipeline.read import positioned_members
-from pipeline.schema import STATUS_OK
+from pipeline.embed.read import positioned_members
+from pipeline.io.schema import STATUS_OK
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class FilterCfg:
     # thumbnails per similarity band in the report's gallery
     gallery_per_band: int = 8
     # near-duplicate images: ok pairs whose image embeddings have cosine >= this, in (0, 1], form groups and
-    # each group keeps its highest-similarity pair (pipeline/dedup.py); null: off. Applied before the rule.
+    # each group keeps its highest-similarity pair (pipeline/curate/dedup.py); null: off. Applied before the rule.
     dedup_threshold: float | None = None
     # embed job output folders (e.g. evaluation sets): ok pairs whose image has cosine >= dedup_threshold
     # with one of theirs are dropped
@@ -77,7 +77,7 @@ def load_filter_config(path, overrides=()) -> FilterCfg:
     from pipeline.config import read_raw
 
     # a rule given on the command line replaces the file's rule
-    cfg = _build(FilterCfg, read_raw(path, overrides, exclusive=(("min_similarity", "keep_top_fraction"),)), "")
+    cfg = build_config(FilterCfg, read_raw(path, overrides, exclusive=(("min_similarity", "keep_top_fraction"),)), "")
     if not cfg.embeddings or not cfg.output:
         raise ValueError("embeddings and output: required (the embed job's output folder, and a folder for ours)")
     if (cfg.min_similarity is None) == (cfg.keep_top_fraction is None):
@@ -254,7 +254,7 @@ def run_filter_job(cfg: FilterCfg) -> dict:
     storage.write_atomically(fs, storage.join(out, "summary.json"),
                              json.dumps(summary, indent=2, ensure_ascii=False).encode())
     if cfg.report:
-        from pipeline.report import write_report
+        from pipeline.curate.report import write_report
 
         write_report(cfg, summary, files, threshold)
     # not in summary.json, which a rerun must reproduce byte for byte

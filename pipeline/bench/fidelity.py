@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 
 from pipeline.config import JobCfg
-from pipeline.preprocess import SampleError, decode_image
+from pipeline.embed.image import SampleError, decode_image
 
 
 def exact_pixels(payloads: list[bytes], size: int, max_pixels: int) -> list[np.ndarray | None]:
@@ -25,9 +25,9 @@ def measure_fidelity(cfg: JobCfg, photos: list[bytes], captions: list[str], devi
     """Exact path (PIL, CPU) against the device path (DeviceDecoder on `device`), image by image."""
     import torch
 
-    from pipeline.device_decode import DeviceDecoder
-    from pipeline.encode import Encoder
-    from pipeline.preprocess import load_tokenizer, resolve_tokenizer, tokenize
+    from pipeline.embed.device_decode import DeviceDecoder
+    from pipeline.embed.encode import Encoder
+    from pipeline.embed.preprocess import load_tokenizer, resolve_tokenizer, tokenize
 
     size, max_pixels = cfg.read.image_size, cfg.read.max_image_pixels
     fp32 = dataclasses.replace(

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from pipeline.demo import encode_image
-from pipeline.schema import EMBEDDING_DIM, embedding_table_schema
+from pipeline.embed.demo import encode_image
+from pipeline.io.schema import EMBEDDING_DIM, embedding_table_schema
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,8 @@ def write_tables(folder: Path, vectors: np.ndarray, per_table: int, seed: int) -
 
 def read_vectors(folder: Path) -> np.ndarray:
     """Every row's image vector as the dedup stage sees it: read back from float16 and normalised again."""
-    from pipeline.dedup import normalized
-    from pipeline.tables import image_vectors
+    from pipeline.curate.dedup import normalized
+    from pipeline.io.tables import image_vectors
 
     return np.concatenate([normalized(image_vectors(pq.read_table(path, columns=["image_embedding"])))
                            for path in sorted((folder / "embeddings").glob("*.parquet"))])
@@ -136,8 +136,8 @@ def run_dedup_benchmark(folder: Path, pairs: int, per_table: int, threshold: flo
                         probes: int, subset: int, num_cpus: int | None, seed: int = 0) -> dict:
     import ray
 
-    from pipeline.benchmark import MemorySampler, machine
-    from pipeline.curate import load_filter_config, run_filter_job
+    from pipeline.bench.samplers import MemorySampler, machine
+    from pipeline.curate.run import load_filter_config, run_filter_job
 
     started = time.monotonic()
     vectors, original_of = synthetic_vectors(pairs, 0.1, seed)
@@ -216,10 +216,10 @@ def copy_cosines(cfg, photos: int, seed: int = 0) -> dict:
     unreachable: labelled)."""
     import torch
 
-    from pipeline.benchmark import photo_like
-    from pipeline.demo import real_photographs
-    from pipeline.encode import Encoder, decide_random_weights
-    from pipeline.preprocess import decode_image
+    from pipeline.bench.photos import photo_like
+    from pipeline.embed.demo import real_photographs
+    from pipeline.embed.encode import Encoder, decide_random_weights
+    from pipeline.embed.image import decode_image
 
     random_weights = decide_random_weights(cfg)
     torch.manual_seed(seed)

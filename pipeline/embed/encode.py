@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import JobCfg
-from pipeline.schema import EMBEDDING_DIM, STATUS_ERROR, STATUS_OK
+from pipeline.io.schema import EMBEDDING_DIM, STATUS_ERROR, STATUS_OK
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class Encoder:
         self.image_size = cfg.read.image_size
         self.decoder = None
         if cfg.read.decode_on == "encoder":
-            from pipeline.device_decode import DeviceDecoder
+            from pipeline.embed.device_decode import DeviceDecoder
 
             self.decoder = DeviceDecoder(self.device, cfg.read.image_size, cfg.read.max_image_pixels)
         self._thread = threading.local()  # each batch in flight (encoder.batches_in_flight) has its own stream

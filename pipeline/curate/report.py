@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import ray
 from PIL import Image
 
-from pipeline import storage
-from pipeline.dedup import MATCHES_REFERENCE, NEAR_DUPLICATE, dropped_positions, reference_tables
-from pipeline.read import IMAGE_EXTENSIONS, positioned_members
-from pipeline.schema import STATUS_OK
-from pipeline.shards import shard_name
-from pipeline.tables import read_table, table_name
+from pipeline.io import storage
+from pipeline.curate.dedup import MATCHES_REFERENCE, NEAR_DUPLICATE, dropped_positions, reference_tables
+from pipeline.embed.read import IMAGE_EXTENSIONS, positioned_members
+from pipeline.io.schema import STATUS_OK
+from pipeline.io.shards import shard_name
+from pipeline.io.tables import read_table, table_name
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline import storage
-from pipeline.config import (EncoderCfg, JobCfg, ModelCfg, ReadCfg, StorageCfg, WriteCfg, _build, read_raw,
+from pipeline.io import storage
+from pipeline.config import (EncoderCfg, JobCfg, ModelCfg, ReadCfg, StorageCfg, WriteCfg, build_config, read_raw,
                              resolve_actors)
-from pipeline.preprocess import load_tokenizer, preprocess, tokenize
-from pipeline.read import CAPTION_EXTENSION, LABEL_EXTENSION, RawSample, read_shard, read_shards
-from pipeline.schema import EMBEDDING_DIM, STATUS_OK
+from pipeline.embed.preprocess import load_tokenizer, preprocess, tokenize
+from pipeline.embed.read import CAPTION_EXTENSION, LABEL_EXTENSION, RawSample, read_shard, read_shards
+from pipeline.io.schema import EMBEDDING_DIM, STATUS_OK
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class EvalCfg:
 def load_eval_config(path, overrides=()) -> EvalCfg:
     from pipeline.config import validate
 
-    cfg = _build(EvalCfg, read_raw(path, overrides), "")
+    cfg = build_config(EvalCfg, read_raw(path, overrides), "")
     if not cfg.retrieval and not cfg.zeroshot:
         raise ValueError("set retrieval and/or zeroshot: the evaluation shards")
     if cfg.zeroshot and not cfg.classes:
@@ -98,7 +98,7 @@ class TextEncoder:
     """A Ray actor around the pipeline's Encoder for the captions and prompts (images go through the pool)."""
 
     def __init__(self, cfg: JobCfg, random_weights: bool, tokenizer: tuple[str, str | None]):
-        from pipeline.encode import Encoder
+        from pipeline.embed.encode import Encoder
 
         self.encoder, self.tokenizer = Encoder(cfg, random_weights), load_tokenizer(*tokenizer)
         self.batch_size = cfg.encoder.batch_size
@@ -153,7 +153,7 @@ def _image_group(sample: RawSample) -> str:
 
 
 def eval_samples(url_pattern: str, cfg: JobCfg) -> list[EvalSample]:
-    from pipeline.shards import list_shards
+    from pipeline.io.shards import list_shards
 
     urls = [s.url for s in list_shards(dataclasses.replace(cfg, input=url_pattern))]
     task = ray.remote(num_cpus=cfg.read.num_cpus)(shard_metadata)
@@ -174,7 +174,7 @@ def image_embeddings(cfg: JobCfg, urls: list[str], random_weights: bool,
     """{(shard, position): float32 image embedding} of every sample: decoded by CPU tasks and encoded by the
     encoder pool, the embed job's own stages (run.embedding_dataset). A sample that fails is an error:
     metrics over a silently smaller set would mislead."""
-    from pipeline.run import embedding_dataset
+    from pipeline.embed.run import embedding_dataset
 
     ds = embedding_dataset(cfg, urls, random_weights, tokenizer, read_stage=read_images, texts=False)
     embeddings = {}
@@ -190,8 +190,8 @@ def image_embeddings(cfg: JobCfg, urls: list[str], random_weights: bool,
 
 
 def evaluate(cfg: EvalCfg) -> dict:
-    from pipeline.encode import decide_random_weights
-    from pipeline.preprocess import resolve_tokenizer
+    from pipeline.embed.encode import decide_random_weights
+    from pipeline.embed.preprocess import resolve_tokenizer
 
     job = resolve_actors(cfg.job_cfg(), ray.cluster_resources())
     random_weights = decide_random_weights(job)

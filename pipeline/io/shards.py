@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from braceexpand import braceexpand
 
-from pipeline import storage
+from pipeline.io import storage
 from pipeline.config import JobCfg
 
 log = logging.getLogger(__name__)

@@ -17,17 +17,17 @@ from dataclasses import dataclass, field
 
 import ray
 
-from pipeline import storage
+from pipeline.io import storage
 from pipeline.config import JobCfg, actor_range, resolve_actors
 from ray.data import ActorPoolStrategy
 
-from pipeline.encode import KEEP_FREED_MEMORY_ENV, Encoder, decide_random_weights
-from pipeline.preprocess import preprocess, resolve_tokenizer
+from pipeline.embed.encode import KEEP_FREED_MEMORY_ENV, Encoder, decide_random_weights
+from pipeline.embed.preprocess import preprocess, resolve_tokenizer
 from pipeline.progress import ProgressReport, ProgressTicker, SteadyClock
-from pipeline.read import read_shards
-from pipeline.schema import file_metadata
-from pipeline.shards import Shard, committed_names, list_shards
-from pipeline.write import commit_shard, staging_dir, write_parts
+from pipeline.embed.read import read_shards
+from pipeline.io.schema import file_metadata
+from pipeline.io.shards import Shard, committed_names, list_shards
+from pipeline.embed.write import commit_shard, staging_dir, write_parts
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import JobCfg
-from pipeline.preprocess import preprocess
+from pipeline.embed.preprocess import preprocess
 from pipeline.progress import SteadyClock
-from pipeline.read import read_shards
+from pipeline.embed.read import read_shards
 
 
 def read_workers(cfg: JobCfg) -> int:
@@ -47,7 +47,7 @@ def _one_thread() -> None:
 def run_without_ray(cfg: JobCfg, shard_urls: list[str], random_weights: bool, tokenizer: tuple[str, str | None],
                     out: Path) -> dict:
     """Embed every sample of `shard_urls`, writing one Parquet file per encoder batch under `out`."""
-    from pipeline.encode import Encoder
+    from pipeline.embed.encode import Encoder
 
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)

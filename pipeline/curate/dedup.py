@@ -36,9 +36,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipeline import storage, tables
+from pipeline.io import storage, tables
 from pipeline.config import StorageCfg
-from pipeline.schema import EMBEDDING_DIM, STATUS_OK
+from pipeline.io.schema import EMBEDDING_DIM, STATUS_OK
 
 log = logging.getLogger(__name__)
 

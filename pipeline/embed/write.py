@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline.io import storage
 from pipeline.config import JobCfg
-from pipeline.schema import STATUS_OK, embedding_table_schema
-from pipeline.shards import shard_name
+from pipeline.io.schema import STATUS_OK, embedding_table_schema
+from pipeline.io.shards import shard_name
 
 PART_SCHEMA = pa.schema([
     ("shard", pa.string()),

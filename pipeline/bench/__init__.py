@@ -1,0 +1,13 @@
+"""The benchmarks (jobs/benchmark.py, jobs/benchmark_dedup.py): measurements, never part of a run.
+
+    benchmark.py    the embed benchmark: ceiling before and after the end-to-end runs, per precision/placement
+    ceiling.py      the encoders' ceiling: the towers alone on ready tensors, one probe per encoder actor
+    end_to_end.py   the whole embed job on generated shards, and its memory as the input grows
+    inprocess.py    the embed job's stages without Ray (the lent GPU machine has none)
+    decode_rate.py  decode + resize + tokenize per core, and the GPU's decode rate
+    fidelity.py     how far read.decode_on=encoder is from the exact path: pixels and embeddings
+    samplers.py     memory of every process, the GPU's busy fraction, the machine's facts
+    photos.py       generated photo-like JPEGs and Wukong-like captions as cached shards
+    table.py        the printed table
+    dedup.py        the filter job's dedup at scale: planted near-duplicates, recall, time, memory
+"""

@@ -1,0 +1,113 @@
+"""Benchmark: the encoders' ceiling against the whole embed job, same machine, weights, precision and data."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.bench.ceiling import measure_ceiling
+from pipeline.bench.decode_rate import decode_rate_per_core
+from pipeline.bench.end_to_end import end_to_end, memory_scaling
+from pipeline.bench.photos import caption, make_benchmark_shards, photo_pool
+from pipeline.bench.samplers import gpu_available, machine
+from pipeline.config import JobCfg, resolve_actors
+from pipeline.embed.preprocess import load_tokenizer, resolve_tokenizer, tokenize
+
+
+def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str], placements: list[str],
+                  cache: Path, memory_check: bool, ceiling_seconds: float, use_ray: bool,
+                  fidelity_photos: int) -> dict:
+    from pipeline.embed.encode import decide_random_weights
+
+    started = time.perf_counter()
+    if use_ray:
+        import ray
+
+        from pipeline.embed.run import init_ray
+
+        if not ray.is_initialized():
+            init_ray(None, cfg.ray.num_cpus)
+        cfg = resolve_actors(cfg, ray.cluster_resources())
+    else:  # no cluster: this machine is all there is
+        import torch
+
+        cfg = resolve_actors(cfg, {"CPU": cfg.ray.num_cpus or os.cpu_count() or 1, "GPU": torch.cuda.device_count()})
+    ray_start_s = time.perf_counter() - started
+    n_shards = max(1, pairs // per_shard)
+    shards = make_benchmark_shards(cache / f"shards-v2-{per_shard}", n_shards, per_shard)
+    random_weights = decide_random_weights(cfg)
+    tokenizer = resolve_tokenizer(cfg, random_weights)
+    report = {"machine": machine(), "pairs": n_shards * per_shard, "shards": n_shards, "ray": use_ray,
+              "encoder_actors": cfg.encoder.actors, "encoder_batch_size": cfg.encoder.batch_size,
+              "torch_threads": cfg.encoder.torch_threads, "batches_in_flight": cfg.encoder.batches_in_flight,
+              "models": {"text": cfg.model.text, "image": cfg.model.image, "random_weights": random_weights},
+              "cpu": decode_rate_per_core(cfg, shards[0], tokenizer), "runs": {}}
+    if not use_ray:
+        from pipeline.bench.inprocess import read_workers
+
+        report["without_ray"] = (f"Ray is not used: read + tokenize (+ decode) in {read_workers(cfg)} worker "
+                                 "processes, the encoder in the benchmark's own process")
+    texts = [caption(np.random.default_rng(i)) for i in range(cfg.encoder.batch_size)]
+    input_ids = tokenize(load_tokenizer(*tokenizer), texts)
+    report["ray_start_s"] = round(ray_start_s, 3)
+
+    def configured(precision: str, placement: str = "tasks") -> JobCfg:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, precision=precision),
+                                   read=dataclasses.replace(cfg.read, decode_on=placement))
+
+    for precision in precisions:
+        # the ceiling is measured right before and right after the end-to-end runs, and the higher one is
+        # used: on a shared machine the CPU's speed drifts, and the ratio must not flatter the pipeline
+        before = measure_ceiling(configured(precision), random_weights, input_ids, ceiling_seconds, use_ray)
+        runs = {}
+        for placement in placements:
+            with tempfile.TemporaryDirectory() as tmp:
+                runs[placement] = {"end_to_end": end_to_end(configured(precision, placement), shards,
+                                                            Path(tmp) / "out", use_ray, random_weights, tokenizer)}
+        after = measure_ceiling(configured(precision), random_weights, input_ids, ceiling_seconds, use_ray)
+        ceiling = max(before, after, key=lambda c: c["pairs_per_s"])
+        for run in runs.values():
+            e2e = run["end_to_end"]
+            if e2e["steady_pairs_per_s"]:
+                run["steady_ratio"] = round(e2e["steady_pairs_per_s"] / ceiling["pairs_per_s"], 3)
+            run["whole_run_ratio"] = round(e2e["pairs"] / e2e["wall_s"] / ceiling["pairs_per_s"], 3)
+        report["runs"][precision] = {"encoder_ceiling": ceiling, "ceiling_before_pairs_per_s": before["pairs_per_s"],
+                                     "ceiling_after_pairs_per_s": after["pairs_per_s"], "decode_on": runs}
+    if memory_check and use_ray:  # once, with the last precision: memory does not depend on it
+        report["memory_scaling"] = memory_scaling(configured(precisions[-1], placements[-1]), cache, per_shard,
+                                                  random_weights, tokenizer)
+    # last: its two towers, loaded in this process, must not count in the runs' memory
+    if fidelity_photos:
+        from pipeline.bench.fidelity import measure_fidelity
+
+        rng = np.random.default_rng(7)
+        report["fidelity"] = measure_fidelity(cfg, photo_pool(fidelity_photos, seed=7),
+                                              [caption(rng) for _ in range(fidelity_photos)],
+                                              "cuda" if gpu_available() else "cpu")
+    return report
+
+
+def tiny_checkpoints(folder: Path) -> tuple[Path, Path]:
+    """Tiny random towers of the real layouts, for the CI smoke run only (never for reported figures)."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer, CLIPConfig, CLIPModel
+
+    from pipeline.embed.preprocess import BUNDLED_VOCAB_DIR
+
+    text, image = folder / "tiny-text", folder / "tiny-image"
+    if not (text / "config.json").exists():
+        BertForSequenceClassification(BertConfig(vocab_size=21128, hidden_size=32, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=64,
+                                                 num_labels=512)).save_pretrained(text)
+        BertTokenizer.from_pretrained(str(BUNDLED_VOCAB_DIR)).save_pretrained(text)
+    if not (image / "config.json").exists():
+        CLIPModel(CLIPConfig(text_config=dict(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                              num_attention_heads=2, intermediate_size=64),
+                             vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                intermediate_size=64, image_size=224, patch_size=32),
+                             projection_dim=512)).save_pretrained(image)
+    return text, image

@@ -1,0 +1,45 @@
+"""The benchmark's figures as the table it prints."""
+
+from __future__ import annotations
+
+
+def format_table(report: dict) -> str:
+    lines = []
+    if report.get("without_ray"):
+        lines.append(f"MEASURED WITHOUT RAY: {report['without_ray']}")
+    if report["models"]["random_weights"]:
+        lines.append("random weights of the real architectures (speed only)")
+    lines.append(f"{'precision':<10}{'decode_on':<10}{'ceiling/s':>11}{'steady/s':>10}{'ratio':>7}{'whole/s':>9}"
+                 f"{'whole ratio':>12}{'GPU busy':>9}{'startup s':>10}{'load s':>8}{'peak MiB':>10}{'B/pair':>8}")
+    for precision, run in report["runs"].items():
+        c = run["encoder_ceiling"]
+        for placement, placed in run["decode_on"].items():
+            e = placed["end_to_end"]
+            busy = f"{e['gpu_busy_steady']:.0%}" if e.get("gpu_busy_steady") is not None else "-"
+            lines.append(f"{precision:<10}{placement:<10}{c['pairs_per_s']:>11.2f}{e['steady_pairs_per_s'] or 0:>10.2f}"
+                         f"{placed.get('steady_ratio', 0):>7.3f}{e['whole_run_pairs_per_s']:>9.2f}"
+                         f"{placed['whole_run_ratio']:>12.3f}{busy:>9}{e['startup_s'] or 0:>10.1f}"
+                         f"{c['model_load_s']:>8.1f}{e['peak_memory_mib']:>10.0f}{e['parquet_bytes_per_pair']:>8.0f}")
+    cpu = report["cpu"]
+    lines.append(f"CPU per core: {cpu['decode_images_per_s_per_core']} images/s decoded + resized by PIL (decode_on="
+                 f"tasks), {cpu['encoder_path_on_cpu_images_per_s_per_core']} by the encoder path on CPU; mean JPEG "
+                 f"{cpu['mean_jpeg_kb']} KiB; {cpu['tokenize_captions_per_s_per_core']} captions/s tokenized"
+                 + (f"; Ray start {report['ray_start_s']} s" if report["ray"] else ""))
+    if "gpu_decode_resize_images_per_s" in cpu:
+        lines.append(f"GPU decode + resize (nvJPEG, batch {report['encoder_batch_size']}): "
+                     f"{cpu['gpu_decode_resize_images_per_s']} images/s")
+    if "fidelity" in report:
+        f = report["fidelity"]
+        lines.append(f"fidelity, decode_on=encoder vs the exact path, {f['photos']} photos on {f['device']} "
+                     f"({f['decoder']}; {f['weights']}): pixels mean {f['pixel_levels_mean']} / p99 "
+                     f"{f['pixel_levels_p99']:g} / max {f['pixel_levels_max']} levels; image embedding max "
+                     f"|diff| {f['embedding_max_component_diff']:.2e} per component; |delta similarity| p50 "
+                     f"{f['similarity_abs_diff_p50']:.1e}, p99 {f['similarity_abs_diff_p99']:.1e}, max "
+                     f"{f['similarity_abs_diff_max']:.1e}")
+    if "memory_scaling" in report:
+        m = report["memory_scaling"]
+        lines.append(f"memory ({m['precision']}, decode_on={m['decode_on']}): {m['pairs_small']} -> {m['pairs_large']} "
+                     f"pairs: total PSS sampled {m['peak_mib_small']} -> {m['peak_mib_large']} MiB ({m['growth']:+.1%}); "
+                     f"sum of per-process peak RSS {m['peak_rss_sum_mib_small']} -> {m['peak_rss_sum_mib_large']} MiB "
+                     f"({m['rss_sum_growth']:+.1%})")
+    return "\n".join(lines)

@@ -1,0 +1,12 @@
+"""The embed job (jobs/embed_wukong.py), one module per stage in the order the data moves.
+
+    read.py           stream WebDataset tar shards as raw samples, one marker row per shard
+    image.py          the exact image protocol on CPU: bytes -> 224x224 uint8 RGB (PIL bicubic, center crop)
+    preprocess.py     decode images (or ship their bytes) and tokenize captions; bad samples become error rows
+    device_decode.py  read.decode_on=encoder: decode and resize on the encoder's own device (nvJPEG on a GPU)
+    encode.py         the two Taiyi-CLIP towers in a Ray actor: pixels + token ids -> L2-normalised embeddings
+    write.py          staged part files, committed per shard as one atomic Parquet file
+    run.py            the driver: the Ray Data flow, commits, progress and the summary
+    demo.py           the demo's sample shards (real photographs + generated images, Chinese captions)
+    data/             the bundled Chinese BERT vocab (random-weight runs, checkpoints without a tokenizer)
+"""
