@@ -31,14 +31,23 @@ def main(argv=None) -> int:
     logging.getLogger("embed").info("resolved config:\n%s", dump(cfg))
 
     from pipeline.embed.demo import make_demo_shards
+    from pipeline.embed.plan import plan_embed_run
     from pipeline.embed.run import init_ray, run_embed_job
     from pipeline.io.storage import StorageError
 
     if cfg.make_demo_shards:
         make_demo_shards(cfg)
+    try:  # the input, the output's access and settings, the model: all checked before Ray starts
+        plan = plan_embed_run(cfg)
+    except ValueError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except StorageError as exc:
+        print(f"storage error: {exc}", file=sys.stderr)
+        return 2
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     try:
-        summary = run_embed_job(cfg)
+        summary = run_embed_job(cfg, plan)
     except StorageError as exc:
         print(f"storage error: {exc}", file=sys.stderr)
         return 2

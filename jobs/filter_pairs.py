@@ -30,17 +30,27 @@ def main(argv=None) -> int:
         return 2
     logging.getLogger("filter").info("resolved config:\n%s", json.dumps(asdict(cfg), indent=2))
 
+    from pipeline.curate.plan import plan_filter_run
     from pipeline.curate.run import run_filter_job
     from pipeline.embed.run import init_ray
+    from pipeline.io.storage import StorageError
 
+    try:  # the tables, the output's access and settings: all checked before Ray starts
+        plan = plan_filter_run(cfg)
+    except (ValueError, StorageError) as exc:
+        print(f"{'storage' if isinstance(exc, StorageError) else 'config'} error: {exc}", file=sys.stderr)
+        return 2
+    if plan.models.get("random_weights"):
+        logging.getLogger("filter").warning("RANDOM WEIGHTS: the embeddings in %s were made with random weights; "
+                                            "their similarities mean nothing", cfg.embeddings)
     init_ray(cfg.ray_address, cfg.ray_num_cpus)
     try:
-        summary = run_filter_job(cfg)
+        summary = run_filter_job(cfg, plan)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     report = {k: summary[k] for k in ("rule", "threshold", "pairs", "ok", "errors", "kept", "dropped",
-                                      "kept_fraction_of_ok", "shards_skipped_already_written")}
+                                      "kept_fraction_of_ok", "random_weights", "shards_skipped_already_written")}
     if summary["duplicates"]:
         report["duplicates"] = {k: summary["duplicates"][k] for k in ("near_duplicate", "matches_reference", "groups")}
     print("summary: " + json.dumps(report, ensure_ascii=False), flush=True)

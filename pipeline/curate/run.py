@@ -25,7 +25,8 @@ import ray
 from pipeline.io import storage, tables
 from pipeline.config import StorageCfg, build_config, validate_positive
 from pipeline.curate.dedup import (MATCHES_REFERENCE, NEAR_DUPLICATE, dropped_positions, find_duplicates,
-                            reference_tables)
+                                   reference_tables)
+from pipeline.curate.plan import FilterPlan, plan_filter_run, take_over_output
 from pipeline.embed.read import positioned_members
 from pipeline.io.schema import STATUS_OK
 
@@ -93,10 +94,6 @@ def load_filter_config(path, overrides=()) -> FilterCfg:
     if cfg.dedup_against and cfg.dedup_threshold is None:
         raise ValueError("dedup_against: needs dedup_threshold (the cosine at which an image matches a reference)")
     return cfg
-
-
-def embedding_files(cfg: FilterCfg) -> list[str]:
-    return tables.embedding_files(cfg.embeddings, cfg.storage)
 
 
 def survivors(url: str, cfg: FilterCfg, columns: list[str]) -> tuple[pa.Table, pa.Array]:
@@ -209,8 +206,12 @@ def filtered_shard(shard_url: str, keep_keys: set[str], keep_positions: set[int]
     return sink.getvalue()
 
 
-def run_filter_job(cfg: FilterCfg) -> dict:
-    files = embedding_files(cfg)
+def run_filter_job(cfg: FilterCfg, plan: FilterPlan | None = None) -> dict:
+    """Filter every table of cfg.embeddings into cfg.output; return the summary. `plan` is what plan_filter_run
+    decided before Ray started (made here when not given)."""
+    plan = plan or plan_filter_run(cfg)
+    files = plan.files
+    take_over_output(cfg, plan)
     dedup = None
     dedup_started = time.monotonic()
     if cfg.dedup_threshold is not None:  # first: the rule then applies to the survivors
@@ -248,7 +249,8 @@ def run_filter_job(cfg: FilterCfg) -> dict:
         "shards": {r["shard"]: {k: r[k] for k in ("name", "rows", "ok", "duplicates", "kept", "errors_by_reason")}
                    for r in results},
         "embeddings": cfg.embeddings, "write_shards": cfg.write_shards,
-        "models": tables.embedding_models(files[0], cfg.storage),
+        "models": plan.models,
+        "random_weights": plan.models.get("random_weights"),
     }
     fs, out = storage.filesystem(cfg.output, cfg.storage)
     storage.write_atomically(fs, storage.join(out, "summary.json"),

@@ -15,6 +15,8 @@ from pipeline.config import JobCfg
 
 log = logging.getLogger(__name__)
 
+# where the demo config's sample shards live (configs/demo.yaml's input): the only place they are written
+DEMO_INPUT = "demo_data/shards/{00000..00002}.tar"
 COLORS = {"红色": (220, 40, 40), "蓝色": (40, 80, 220), "绿色": (40, 170, 70), "黄色": (240, 210, 40),
           "紫色": (140, 60, 170), "橙色": (250, 140, 30)}
 SHAPES = {"圆形": "ellipse", "正方形": "rectangle", "三角形": "polygon"}
@@ -102,15 +104,18 @@ def write_samples(path: Path, samples: list[dict]) -> None:
 
 
 def make_demo_shards(cfg: JobCfg, per_shard: int = 16) -> list[Path]:
-    """Write the shards named by cfg.input, only when none of them exists yet (a fresh demo): pointed
-    at real data, the demo config writes nothing."""
+    """Write the demo's sample shards at their own path (DEMO_INPUT), when none of them exists yet.
+
+    Any other `input` gets nothing written, whatever `make_demo_shards` says: a typo of the demo's path,
+    or the demo config pointed at real data, must fail as a missing input, not be filled with made-up samples.
+    """
     from braceexpand import braceexpand
 
-    patterns = list(braceexpand(cfg.input))
-    if any("://" in p or any(c in p for c in "*?[") for p in patterns):
-        log.info("make_demo_shards: input %s is not a list of local files; no demo shards written", cfg.input)
+    if cfg.input != DEMO_INPUT:
+        log.warning("make_demo_shards: input %s is not the demo's own %s; no demo shards written",
+                    cfg.input, DEMO_INPUT)
         return []
-    paths = [Path(p) for p in patterns]
+    paths = [Path(p) for p in braceexpand(cfg.input)]
     if any(p.exists() for p in paths):
         log.info("demo shards: using the existing files of %s", cfg.input)
         return paths

@@ -33,6 +33,10 @@ IMAGE_ARCH = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                   image_size=224, patch_size=32, projection_dim=EMBEDDING_DIM, hidden_act="quick_gelu")
 
 
+class ModelUnavailable(ValueError):
+    """The configured weights cannot be found: a user's setup to fix, reported before any work."""
+
+
 def weights_reachable(name: str, revision: str | None) -> bool:
     """Whether from_pretrained(name) can find a config: a local folder, the HF cache, or a reachable Hub.
 
@@ -70,9 +74,9 @@ def decide_random_weights(cfg: JobCfg) -> bool:
                     "!! Similarities are meaningless; files record random_weights=true.\n%s",
                     banner, ", ".join(missing), banner)
         return True
-    raise SystemExit(f"cannot load model weights for {', '.join(missing)}: not a local folder with config.json "
-                     "and not reachable on the Hugging Face Hub. Download them where there is network "
-                     "(huggingface-cli download NAME --local-dir DIR) and point model.text / model.image at DIR.")
+    raise ModelUnavailable(f"cannot load model weights for {', '.join(missing)}: not a local folder with "
+                           "config.json and not reachable on the Hugging Face Hub. Download them where there is "
+                           "network (hf download NAME --local-dir DIR) and point model.text / model.image at DIR.")
 
 
 def load_towers(cfg: JobCfg, random_weights: bool):

@@ -16,18 +16,18 @@ import uuid
 from dataclasses import dataclass, field
 
 import ray
-
-from pipeline.io import storage
-from pipeline.config import JobCfg, actor_range, resolve_actors
 from ray.data import ActorPoolStrategy
 
-from pipeline.embed.encode import KEEP_FREED_MEMORY_ENV, Encoder, decide_random_weights
-from pipeline.embed.preprocess import preprocess, resolve_tokenizer
-from pipeline.progress import ProgressReport, ProgressTicker, SteadyClock
+from pipeline.config import JobCfg, actor_range, resolve_actors
+from pipeline.embed.encode import KEEP_FREED_MEMORY_ENV, Encoder
+from pipeline.embed.plan import EmbedPlan, plan_embed_run, take_over_output
+from pipeline.embed.preprocess import preprocess
 from pipeline.embed.read import read_shards
-from pipeline.io.schema import file_metadata
-from pipeline.io.shards import Shard, committed_names, list_shards
 from pipeline.embed.write import commit_shard, staging_dir, write_parts
+from pipeline.io import storage
+from pipeline.io.schema import file_metadata
+from pipeline.io.shards import Shard
+from pipeline.progress import ProgressReport, ProgressTicker, SteadyClock
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +118,17 @@ def take_row(shard: ShardProgress, row: dict, clock: SteadyClock) -> int:
     return len(new)
 
 
-def run_embed_job(cfg: JobCfg) -> dict:
-    """Embed every uncommitted shard of cfg.input into cfg.output; return the run summary."""
+def run_embed_job(cfg: JobCfg, plan: EmbedPlan | None = None) -> dict:
+    """Embed every uncommitted shard of cfg.input into cfg.output; return the run summary. `plan` is what
+    plan_embed_run decided before Ray started (made here when not given)."""
     started = time.time()
+    plan = plan or plan_embed_run(cfg)
     cfg = resolve_actors(cfg, ray.cluster_resources())
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    shards = list_shards(cfg)
-    storage.check_writable(cfg.output, cfg.storage)
-    done_before = set() if cfg.overwrite else committed_names(cfg)
-    todo = [s for s in shards if s.name not in done_before]
+    shards, todo = plan.shards, plan.todo
     log.info("run %s: %d shards in input, %d already committed (skipped), %d to embed",
              run_id, len(shards), len(shards) - len(todo), len(todo))
+    take_over_output(cfg, plan)
     fs, out = storage.filesystem(cfg.output, cfg.storage)
     stale = staging_dir(cfg)
     if fs.exists(stale):
@@ -141,8 +141,7 @@ def run_embed_job(cfg: JobCfg) -> dict:
             log.warning("removing %s, a commit interrupted before its rename", leftover)
             fs.rm(leftover)
 
-    random_weights = decide_random_weights(cfg) if todo else False
-    tokenizer = resolve_tokenizer(cfg, random_weights)
+    random_weights, tokenizer = plan.random_weights, plan.tokenizer
     metadata = file_metadata(cfg, random_weights, tokenizer[0])
     progress = {s.url: ShardProgress(s.url) for s in todo}
     commits: dict[str, ray.ObjectRef] = {}
@@ -197,6 +196,7 @@ def run_embed_job(cfg: JobCfg) -> dict:
 
     summary = summarize(cfg, run_id, started, pipeline_started, shards, todo, results, failed, progress,
                         random_weights)
+    summary["output_settings"] = plan.settings  # what every table of the output was made with
     steady = clock.steady_rate(last_output) if last_output else None
     if steady:
         summary["startup_s"] = round(clock.window_start() - started, 3)

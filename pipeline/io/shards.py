@@ -50,6 +50,10 @@ def list_shards(cfg: JobCfg) -> list[Shard]:
             urls.extend(storage.unstrip(fs, p) for p in found)
     if not urls:
         raise ValueError(f"input: {cfg.input!r} names no shards")
+    # a missing .tar is a failed shard of the run, but an input none of whose shards exists is a mistake
+    # (a typo'd folder): stops at the first that exists, so a long list costs one request
+    if not any(fs.exists(fs._strip_protocol(url)) for url in dict.fromkeys(urls)):
+        raise ValueError(f"input: none of the shards of {cfg.input!r} exists")
     shards, seen = [], {}
     for url in dict.fromkeys(urls):  # keep order, drop repeats of the same URL
         shard = Shard(url=url, name=shard_name(url))

@@ -3,6 +3,8 @@ curation stages (filter, dedup, report)."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -52,3 +54,17 @@ def image_vectors(table: pa.Table) -> np.ndarray:
     if len(column) == 0:
         return np.zeros((0, column.type.list_size), np.float32)
     return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), -1)
+
+
+def fingerprint(urls: list[str], storage_cfg: StorageCfg) -> dict:
+    """Which tables, at which sizes: a result computed from them is stale when this changes. One listing per
+    folder, not one request per table."""
+    by_folder: dict[str, list[str]] = {}
+    for url in urls:
+        by_folder.setdefault(storage.parent(url), []).append(url)
+    entries = []
+    for folder, members in sorted(by_folder.items()):
+        fs, path = storage.filesystem(folder, storage_cfg)
+        sizes = {p["name"].rsplit("/", 1)[-1]: p["size"] for p in fs.ls(path, detail=True)}
+        entries += [f"{url}:{sizes.get(url.rsplit('/', 1)[-1])}" for url in sorted(members)]
+    return {"tables": len(urls), "sha256": hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]}
