@@ -29,14 +29,30 @@ def main(argv=None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
 
-    from pipeline.io import storage
-    from pipeline.eval.evaluate import evaluate
     from pipeline.embed.run import init_ray
+    from pipeline.eval.evaluate import check_before_ray, evaluate
+    from pipeline.io import storage
 
+    try:  # the shards, the class and template files, the model: checked before Ray starts
+        random_weights = check_before_ray(cfg)
+    except (ValueError, storage.StorageError) as exc:
+        print(f"{'storage' if isinstance(exc, storage.StorageError) else 'config'} error: {exc}", file=sys.stderr)
+        return 2
     init_ray(None, None)
-    metrics = evaluate(cfg)
+    try:
+        metrics = evaluate(cfg, random_weights)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     text = json.dumps(metrics, indent=2, ensure_ascii=False)
     print(text)
+    log = logging.getLogger("eval")
+    if random_weights:
+        log.warning("RANDOM WEIGHTS: %s / %s could not be loaded; these metrics mean nothing",
+                    cfg.model.text, cfg.model.image)
+    if metrics["errors"]["samples"]:
+        log.warning("%d evaluation samples are errors (%s), left out of the metrics; the first are listed under "
+                    "errors.first", metrics["errors"]["samples"], json.dumps(metrics["errors"]["by_reason"]))
     if cfg.output:
         fs, out = storage.filesystem(cfg.output, cfg.storage)
         storage.write_atomically(fs, storage.join(out, "metrics.json"), text.encode())

@@ -108,7 +108,8 @@ def test_eval_job_matches_the_reference_path(local_ray, tiny_models, tmp_path):
 
 def test_eval_images_take_the_embed_jobs_stages_and_a_broken_one_is_named(local_ray, tiny_models, tmp_path):
     """Zero-shot shards have no .txt: their images are still embedded (by the read tasks and the encoder pool);
-    an image that cannot be decoded stops the evaluation with its key and the pipeline's reason."""
+    an image that cannot be decoded, a sample without a label or without a caption is a counted error,
+    named with its key and the pipeline's reason, and left out of the metrics."""
     images = [encode_image(rgb_image(120 + 20 * i, 150, seed=i), "JPEG") for i in range(4)]
     members = [m for n in range(4) for m in ((f"z{n}.jpg", images[n]), (f"z{n}.cls", str(n % 2).encode()))]
     write_tar_shard(tmp_path / "ok.tar", members)
@@ -120,6 +121,16 @@ def test_eval_images_take_the_embed_jobs_stages_and_a_broken_one_is_named(local_
     assert metrics["zeroshot"]["images"] == 4 and metrics["images"]["embedded"] == 4
     assert metrics["images"]["encoder_actors"] == 2 and metrics["images"]["images_per_s"] > 0
 
-    write_tar_shard(tmp_path / "broken.tar", members[:2] + [("z9.jpg", b"\xff\xd8 not a jpeg"), ("z9.cls", b"1")])
-    with pytest.raises(ValueError, match=r"evaluation sample z9 in .*broken\.tar: image_decode_failed"):
-        evaluate(load_eval_config(None, [f"zeroshot={tmp_path}/broken.tar", *base]))
+    write_tar_shard(tmp_path / "broken.tar", members[:4] + [("z9.jpg", b"\xff\xd8 not a jpeg"), ("z9.cls", b"1"),
+                                                          ("z8.jpg", images[3])])  # z8: no label
+    caption_less = [("r0.jpg", images[0]), ("r0.txt", "一只猫".encode()), ("r1.jpg", images[1]),
+                    ("r2.jpg", images[2]), ("r2.txt", "一条狗".encode())]  # r1: no caption
+    write_tar_shard(tmp_path / "retrieval.tar", caption_less)
+    metrics = evaluate(load_eval_config(None, [f"zeroshot={tmp_path}/broken.tar",
+                                               f"retrieval={tmp_path}/retrieval.tar", *base]))
+    assert metrics["zeroshot"]["images"] == 2 and metrics["retrieval"]["images"] == 2
+    assert metrics["retrieval"]["captions"] == 2
+    assert metrics["errors"]["samples"] == 3
+    assert metrics["errors"]["by_reason"] == {"image_decode_failed": 1, "missing_label": 1, "missing_caption": 1}
+    assert {(e["key"], e["error"].split(":")[0]) for e in metrics["errors"]["first"]} == {
+        ("z9", "image_decode_failed"), ("z8", "missing_label"), ("r1", "missing_caption")}

@@ -8,6 +8,7 @@ embeddings (Chinese templates), and an image's prediction is the nearest class.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -169,61 +170,94 @@ def read_images(batch: pa.Table, cfg: JobCfg, tokenizer: tuple[str, str | None])
                          cfg, tokenizer)
 
 
-def image_embeddings(cfg: JobCfg, urls: list[str], random_weights: bool,
-                     tokenizer: tuple[str, str | None]) -> dict[tuple[str, int], np.ndarray]:
-    """{(shard, position): float32 image embedding} of every sample: decoded by CPU tasks and encoded by the
-    encoder pool, the embed job's own stages (run.embedding_dataset). A sample that fails is an error:
-    metrics over a silently smaller set would mislead."""
+def image_embeddings(cfg: JobCfg, urls: list[str], random_weights: bool, tokenizer: tuple[str, str | None]
+                     ) -> tuple[dict[tuple[str, int], np.ndarray], dict[tuple[str, int], str]]:
+    """({(shard, position): float32 image embedding}, {(shard, position): error}) of every sample: decoded by CPU
+    tasks and encoded by the encoder pool, the embed job's own stages (run.embedding_dataset). An image that
+    fails is an error row, as in the embed job: counted and named in the metrics, never silently dropped."""
     from pipeline.embed.run import embedding_dataset
 
     ds = embedding_dataset(cfg, urls, random_weights, tokenizer, read_stage=read_images, texts=False)
-    embeddings = {}
+    embeddings, errors = {}, {}
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         batch = batch.filter(pc.greater_equal(batch.column("position"), 0))
         vectors = batch.column("image_embedding").combine_chunks()
-        for i, (shard, position, key, status, error) in enumerate(zip(
-                *(batch.column(name).to_pylist() for name in ("shard", "position", "key", "status", "error")))):
+        for i, (shard, position, status, error) in enumerate(zip(
+                *(batch.column(name).to_pylist() for name in ("shard", "position", "status", "error")))):
             if status != STATUS_OK:
-                raise ValueError(f"evaluation sample {key} in {shard}: {error}")
-            embeddings[shard, position] = np.asarray(vectors[i].values.to_numpy(), np.float32)
-    return embeddings
+                errors[shard, position] = error
+            else:
+                embeddings[shard, position] = np.asarray(vectors[i].values.to_numpy(), np.float32)
+    return embeddings, errors
 
 
-def evaluate(cfg: EvalCfg) -> dict:
+def check_before_ray(cfg: EvalCfg) -> bool:
+    """What can be wrong before any work (no shards, no access, weights out of reach) raises here, before Ray
+    starts: ValueError or storage.StorageError. Returns whether the weights are random."""
+    from pipeline.embed.encode import decide_random_weights
+    from pipeline.io.shards import list_shards
+
+    job = cfg.job_cfg()
+    for pattern in (cfg.retrieval, cfg.zeroshot):
+        if pattern:
+            list_shards(dataclasses.replace(job, input=pattern))
+    for path in filter(None, (cfg.classes, cfg.templates)):
+        storage.check_readable(path, cfg.storage)
+    return decide_random_weights(job)
+
+
+def sample_error(sample: EvalSample, error: str) -> dict:
+    return {"key": sample.key, "shard": sample.shard, "position": sample.position, "error": error}
+
+
+def evaluate(cfg: EvalCfg, random_weights: bool | None = None) -> dict:
     from pipeline.embed.encode import decide_random_weights
     from pipeline.embed.preprocess import resolve_tokenizer
 
     job = resolve_actors(cfg.job_cfg(), ray.cluster_resources())
-    random_weights = decide_random_weights(job)
+    random_weights = decide_random_weights(job) if random_weights is None else random_weights
     tokenizer = resolve_tokenizer(job, random_weights)
     result = {"model": {"text": cfg.model.text, "image": cfg.model.image, "random_weights": random_weights}}
+    errors = []  # samples that cannot be evaluated: counted and named, as the embed job's error rows
     retrieval = eval_samples(cfg.retrieval, job) if cfg.retrieval else []
-    for sample in retrieval:
-        if not sample.captions:
-            raise ValueError(f"retrieval: sample {sample.key} in {sample.shard} has no caption (KEY.txt)")
+    errors += [sample_error(s, "missing_caption: no caption in KEY.txt") for s in retrieval if not s.captions]
+    retrieval = [s for s in retrieval if s.captions]
     zeroshot = eval_samples(cfg.zeroshot, job) if cfg.zeroshot else []
-
-    # the texts first, in one actor that is gone before the encoder pool asks for the GPUs
-    captions = [caption for sample in retrieval for caption in sample.captions]
     if cfg.zeroshot:
         classes = _lines(cfg.classes, cfg.storage)
         templates = _lines(cfg.templates, cfg.storage) if cfg.templates else DEFAULT_TEMPLATES
-        prompts = [t.format(c) for c in classes for t in templates]
-        labels = np.array([-1 if s.label is None else s.label for s in zeroshot])
-        if (labels < 0).any() or (labels >= len(classes)).any():
-            raise ValueError("zeroshot: every sample needs a KEY.cls with a class index into `classes`")
-    else:
-        prompts = []
+        unlabelled = [s for s in zeroshot if s.label is None or not 0 <= s.label < len(classes)]
+        errors += [sample_error(s, "missing_label: no KEY.cls with a class index into `classes`") for s in unlabelled]
+        zeroshot = [s for s in zeroshot if s not in unlabelled]
+
+    # the texts first, in one actor that is gone before the encoder pool asks for the GPUs
+    captions = [caption for sample in retrieval for caption in sample.captions]
+    prompts = [t.format(c) for c in classes for t in templates] if cfg.zeroshot else []
     actor = ray.remote(num_cpus=job.encoder.num_cpus, num_gpus=job.encoder.num_gpus)(TextEncoder).remote(
         job, random_weights, tokenizer)
-    text_emb, prompt_emb = ray.get([actor.texts.remote(captions), actor.texts.remote(prompts)])
+    all_text_emb, prompt_emb = ray.get([actor.texts.remote(captions), actor.texts.remote(prompts)])
     ray.kill(actor)
 
     started = time.perf_counter()
     urls = list(dict.fromkeys(s.shard for s in retrieval + zeroshot))
-    images = image_embeddings(job, urls, random_weights, tokenizer)
+    images, image_errors = image_embeddings(job, urls, random_weights, tokenizer) if urls else ({}, {})
+    errors += [sample_error(s, image_errors[s.shard, s.position]) for s in retrieval + zeroshot
+               if (s.shard, s.position) in image_errors]
+    # the captions of samples whose image failed leave with them
+    caption_rows = np.cumsum([0] + [len(s.captions) for s in retrieval])
+    kept_rows = [r for i, s in enumerate(retrieval) if (s.shard, s.position) in images
+                 for r in range(caption_rows[i], caption_rows[i + 1])]
+    text_emb = all_text_emb[kept_rows] if retrieval else all_text_emb
+    retrieval = [s for s in retrieval if (s.shard, s.position) in images]
+    zeroshot = [s for s in zeroshot if (s.shard, s.position) in images]
+    captions = [caption for sample in retrieval for caption in sample.captions]
     result["images"] = {"embedded": len(images), "encoder_actors": job.encoder.actors,
                         "images_per_s": round(len(images) / (time.perf_counter() - started), 2)}
+    result["errors"] = {"samples": len(errors),
+                        "by_reason": dict(collections.Counter(e["error"].split(":", 1)[0] for e in errors)),
+                        "first": errors[:20]}
+    if (cfg.retrieval and not retrieval) or (cfg.zeroshot and not zeroshot):
+        raise ValueError(f"no sample left to evaluate: {len(errors)} errors, e.g. {errors[:3]}")
     if cfg.retrieval:
         groups: dict[str, int] = {}
         firsts, text_image = [], []
@@ -238,6 +272,7 @@ def evaluate(cfg: EvalCfg) -> dict:
         class_emb = prompt_emb.reshape(len(classes), len(templates), -1).mean(1)
         class_emb /= np.linalg.norm(class_emb, axis=1, keepdims=True)
         image_emb = np.stack([images[s.shard, s.position] for s in zeroshot])
+        labels = np.array([s.label for s in zeroshot])
         result["zeroshot"] = {"images": len(zeroshot), "classes": len(classes), "templates": len(templates),
                               **zeroshot_accuracy(image_emb, class_emb, labels)}
     return result
