@@ -21,13 +21,17 @@ class ProgressReport:
     over the last interval and overall, failed shards, and an ETA from the shard rate once a few shards
     are committed."""
 
-    def __init__(self, total_shards: int, interval_s: float, started: float | None = None):
-        self.total, self.interval_s = total_shards, interval_s
+    def __init__(self, total_shards: int, interval_s: float, started: float | None = None, encoders: int = 0):
+        self.total, self.interval_s, self.encoders = total_shards, interval_s, encoders
         self.started = self.last_time = started if started is not None else time.time()
         self.last_samples = 0
 
-    def line(self, committed: int, failed: int, samples: int, now: float) -> str:
+    def line(self, committed: int, failed: int, samples: int, encoders_seen: int = 0, *, now: float) -> str:
+        """`encoders_seen`: encoder actors that have embedded a batch so far."""
         elapsed, interval = max(now - self.started, 1e-9), max(now - self.last_time, 1e-9)
+        if samples == 0 and committed + failed == 0:  # a rate of 0.0 would read as a stall
+            return (f"starting: {duration(elapsed)} in, 0/{self.encoders or '?'} encoders have embedded a batch "
+                    f"(Ray starting actors, encoders loading weights), 0/{self.total} shards committed")
         recent = (samples - self.last_samples) / interval
         self.last_time, self.last_samples = now, samples
         done = committed + failed
@@ -35,15 +39,17 @@ class ProgressReport:
                 f"{failed} failed, {samples:,} samples, {recent:,.1f} pairs/s now, {samples / elapsed:,.1f} overall")
         if committed >= MIN_SHARDS_FOR_ETA and done < self.total:
             text += f", ETA {duration((self.total - done) * elapsed / done)}"
+        if 0 < encoders_seen < self.encoders:
+            text += f"; {encoders_seen}/{self.encoders} encoders have embedded a batch"
         return text
 
 
 class ProgressTicker:
     """Emits `report.line(*counts())` every interval from a daemon thread, whether or not a batch arrived:
     on CPU one batch can take longer than the interval, and a curator should still see a line per interval.
-    `counts` returns (committed, failed, samples) as the driver loop last updated them."""
+    `counts` returns (committed, failed, samples, encoders seen) as the driver loop last updated them."""
 
-    def __init__(self, report: ProgressReport, counts: Callable[[], tuple[int, int, int]],
+    def __init__(self, report: ProgressReport, counts: Callable[[], tuple[int, int, int, int]],
                  emit: Callable[[str], None]):
         self.report, self.counts, self.emit = report, counts, emit
         self._stop = threading.Event()
@@ -73,6 +79,10 @@ class SteadyClock:
 
     def __init__(self):
         self.batches: dict[tuple[str, float], list] = {}  # (actor, started) -> [finished, samples]
+
+    def encoders(self) -> int:
+        """Encoder actors that have embedded a batch so far."""
+        return len({encoder for encoder, _ in self.batches})
 
     def add(self, encoder: str, started: float, finished: float, samples: int) -> None:
         batch = self.batches.setdefault((encoder, started), [finished, 0])

@@ -26,7 +26,7 @@ def test_durations_read_as_hours_and_minutes():
 def test_a_line_every_interval_while_no_batch_arrives():
     """On CPU one batch can take longer than the interval: the lines keep coming, with the counts as the
     driver last updated them, and stop when the run ends."""
-    counts, lines, three = [0, 0, 0], [], threading.Event()
+    counts, lines, three = [0, 0, 0, 0], [], threading.Event()
 
     def emit(line):
         lines.append(line)
@@ -35,7 +35,7 @@ def test_a_line_every_interval_while_no_batch_arrives():
 
     with ProgressTicker(ProgressReport(total_shards=10, interval_s=0.05), lambda: tuple(counts), emit):
         assert three.wait(timeout=10)
-        counts[:] = [4, 1, 300]
+        counts[:] = [4, 1, 300, 2]
         deadline = time.time() + 10
         while not lines[-1].startswith("progress: 4/10 shards committed (50.0% done), 1 failed, 300 samples"):
             assert time.time() < deadline, lines
@@ -43,4 +43,13 @@ def test_a_line_every_interval_while_no_batch_arrives():
     stopped = len(lines)
     time.sleep(0.2)
     assert len(lines) == stopped  # the thread stopped with the run
-    assert lines[0].startswith("progress: 0/10 shards committed (0.0% done), 0 failed, 0 samples")
+    # before the first batch: no rate of 0.0 that reads as a stall, but what is happening
+    assert lines[0].startswith("starting: ") and "0/10 shards committed" in lines[0] and "pairs/s" not in lines[0]
+
+
+def test_the_line_counts_encoders_until_all_have_embedded():
+    report = ProgressReport(total_shards=10, interval_s=30, started=0.0, encoders=2)
+    assert report.line(0, 0, 0, 0, now=20.0).startswith(
+        "starting: 0m20s in, 0/2 encoders have embedded a batch")
+    assert report.line(1, 0, 64, 1, now=40.0).endswith("; 1/2 encoders have embedded a batch")
+    assert "encoders" not in report.line(2, 0, 128, 2, now=60.0)

@@ -49,3 +49,30 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         pixels = np.asarray(image.convert("RGB"))
     assert image.size == (1280, 2400)
     assert pixels.std() > 20  # plots and photos, not a blank page
+
+
+def test_the_threshold_gallery_is_in_score_order_and_agrees_with_the_keep_lists(report, tmp_path):
+    import re
+
+    import pyarrow.parquet as pq
+
+    root = report[0].parent.parent
+    scores = np.sort(np.concatenate([pq.read_table(p).column("similarity").to_numpy(zero_copy_only=False)
+                                     for p in (root / "emb" / "embeddings").glob("*.parquet")]))
+    scores = scores[~np.isnan(scores)]
+    below, above = (float(v) for v in scores[len(scores) // 2: len(scores) // 2 + 2])
+    # a cut between two neighbours, nearer the lower: by distance it comes first, by score the upper one does
+    threshold = below + 0.3 * (above - below)
+    run_filter_job(load_filter_config(None, [f"embeddings={root / 'emb'}", f"output={tmp_path / 'out'}",
+                                             f"min_similarity={threshold}", "gallery_per_band=4"]))
+    page = (tmp_path / "out" / "report" / "index.html").read_text()
+    band = page.split("Around the threshold", 1)[1].split("<h3>", 1)[0]
+    cards = re.findall(r'<figcaption><b>(-?\d+\.\d+)</b> <span class="verdict">(\w+)</span>.*?<small>([^<]+)</small>',
+                       band)
+    assert len(cards) == 4 and all(len(score.split(".")[1]) == 6 for score, _, _ in cards)
+    shown = [float(score) for score, _, _ in cards]
+    assert shown == sorted(shown, reverse=True)  # the cut falls between two neighbours, not anywhere
+    kept = {key for p in (tmp_path / "out" / "keep").glob("*.parquet") for key in pq.read_table(p).column("key").to_pylist()}
+    verdicts = [verdict for _, verdict, _ in cards]
+    assert verdicts == ["kept" if key in kept else "dropped" for _, _, key in cards]
+    assert "kept" in verdicts and "dropped" in verdicts

@@ -198,8 +198,10 @@ def write_report(cfg, summary: dict, files: list[str], threshold: float) -> str:
                      for f in files])
     bands = {
         "lowest": sorted((r for p in parts for r in p["lowest"]), key=lambda r: r["similarity"])[:per_band],
-        "threshold": sorted((r for p in parts for r in p["threshold"]),
-                            key=lambda r: abs(r["similarity"] - threshold))[:per_band],
+        # the nearest to the threshold, shown in score order: the cut falls between two neighbours
+        "threshold": sorted(sorted((r for p in parts for r in p["threshold"]),
+                                   key=lambda r: abs(r["similarity"] - threshold))[:per_band],
+                            key=lambda r: -r["similarity"]),
         "highest": sorted((r for p in parts for r in p["highest"]), key=lambda r: -r["similarity"])[:per_band],
     }
     galleries = duplicate_galleries(cfg, files, per_band) if summary["duplicates"] else {}
@@ -237,7 +239,8 @@ def card(r: dict, verdict: str, thumbs: dict, note: str = "") -> str:
     esc = html.escape
     src = thumbs.get((r["shard"], r["position"]))
     image = f'<img src="{esc(src)}" alt="{esc(str(r["key"]))}">' if src else '<div class="noimg">no image</div>'
-    score = f'<b>{r["similarity"]:.4f}</b> ' if r["similarity"] is not None else ""
+    # scores are float32: 6 decimals tell neighbours apart (4 showed "-0.0239 kept" beside "-0.0239 dropped")
+    score = f'<b>{r["similarity"]:.6f}</b> ' if r["similarity"] is not None else ""
     return (f'<figure class="{verdict}">{image}<figcaption>{score}<span class="verdict">{verdict}</span>{note}'
             f'<br>{esc(r["caption"] or "")}<br><small>{esc(str(r["key"]))}</small></figcaption></figure>')
 
@@ -264,13 +267,19 @@ Look at these rows at a few thresholds before choosing one.</p>
 """
 
 
+def kept_by_rule(similarity: float, threshold: float) -> bool:
+    """The filter job's own comparison (float32, as filter_table makes it), so a card never contradicts the
+    keep-list."""
+    return bool(np.float32(similarity) >= np.float32(threshold))
+
+
 def render_html(summary: dict, threshold: float, bands: dict, thumbs: dict, galleries: dict) -> str:
     esc = html.escape
     rule = ", ".join(f"{k} = {v}" for k, v in summary["rule"].items())
     kept = summary["kept_fraction_of_ok"]
     gallery = []
     for band, rows in bands.items():
-        cards = [card(r, "kept" if r["similarity"] >= threshold else "dropped", thumbs) for r in rows]
+        cards = [card(r, "kept" if kept_by_rule(r["similarity"], threshold) else "dropped", thumbs) for r in rows]
         gallery.append(f'<h3>{BAND_TITLES[band]}</h3><div class="band">{"".join(cards)}</div>')
     stats = {"pairs": summary["pairs"], "ok": summary["ok"], "error rows": summary["errors"],
              "kept": summary["kept"], "dropped": summary["dropped"],

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -59,6 +61,18 @@ def ray_resources(cfg: JobCfg) -> dict:
     return {"read": read, "encode": encode, "write": dict(num_cpus=cfg.write.num_cpus)}
 
 
+def pool_for_input(cfg: JobCfg, shards: int) -> JobCfg:
+    """No more encoder actors waited for than there are shards: a shard's first block is the most an actor
+    is sure to get, and an actor that never gets a batch only loads weights (Ray Data warns about it too).
+    The pool may still grow to its maximum when the shards' blocks keep more actors busy."""
+    low, high = actor_range(cfg.encoder.actors)
+    if shards >= low:
+        return cfg
+    log.info("encoder pool: %d..%d actors for %d shards (encoder.actors=%s)", max(1, shards), high, shards,
+             cfg.encoder.actors)
+    return dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, actors=f"{max(1, shards)}..{high}"))
+
+
 def build_dataset(cfg: JobCfg, shards: list[Shard], run_id: str, random_weights: bool,
                   tokenizer: tuple[str, str | None]) -> ray.data.Dataset:
     ds = embedding_dataset(cfg, [s.url for s in shards], random_weights, tokenizer)
@@ -70,7 +84,7 @@ def embedding_dataset(cfg: JobCfg, urls: list[str], random_weights: bool, tokeni
                       read_stage=None, texts: bool = True) -> ray.data.Dataset:
     """Shard URLs -> read + preprocess (CPU tasks) -> the Encoder pool: the flow up to the embedding rows.
     The evaluation job sends its images through it too, with its own read stage and `texts=False`."""
-    resources = ray_resources(cfg)
+    resources = ray_resources(pool_for_input(cfg, len(urls)))
     ray.data.DataContext.get_current().wait_for_min_actors_s = cfg.encoder.wait_for_actors_s
     # one shard per block, so shards are read in parallel and a failed read retries one shard
     ds = ray.data.from_items([{"shard": url} for url in urls], override_num_blocks=len(urls))
@@ -149,7 +163,8 @@ def run_embed_job(cfg: JobCfg, plan: EmbedPlan | None = None) -> dict:
     failed: dict[str, str] = {}
     commit_task = ray.remote(num_cpus=cfg.write.num_cpus, max_retries=3)(commit_shard)
     pipeline_started, samples_seen = time.time(), 0
-    report = ProgressReport(len(todo), cfg.ray.progress_interval_s, pipeline_started)
+    report = ProgressReport(len(todo), cfg.ray.progress_interval_s, pipeline_started,
+                            encoders=actor_range(pool_for_input(cfg, len(todo)).encoder.actors)[0] if todo else 0)
     clock, last_output = SteadyClock(), None
 
     def collect(block: bool) -> None:
@@ -167,7 +182,7 @@ def run_embed_job(cfg: JobCfg, plan: EmbedPlan | None = None) -> dict:
 
     if todo:
         ds = build_dataset(cfg, todo, run_id, random_weights, tokenizer)
-        ticker = ProgressTicker(report, lambda: (len(results), len(failed), samples_seen),
+        ticker = ProgressTicker(report, lambda: (len(results), len(failed), samples_seen, clock.encoders()),
                                 lambda line: log.info("%s", line))
         with ticker:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -183,7 +198,7 @@ def run_embed_job(cfg: JobCfg, plan: EmbedPlan | None = None) -> dict:
                             failed[shard.url] = shard.shard_error
                 collect(block=False)
         collect(block=True)
-        log.info("%s", report.line(len(results), len(failed), samples_seen, time.time()))
+        log.info("%s", report.line(len(results), len(failed), samples_seen, clock.encoders(), now=time.time()))
         if fs.exists(staging_dir(cfg, run_id)):
             fs.rm(staging_dir(cfg, run_id), recursive=True)
         if storage.is_local(fs):  # the then empty _staging folder too (object stores have no empty folders)
@@ -281,6 +296,8 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     `num_cpus`; every job (embed, filter, eval, benchmark) starts Ray here."""
     from ray.data import DataContext
 
+    if not sys.stderr.isatty():  # workers' lines reach a log file or a pipe: no ANSI colour codes in them
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
