@@ -180,3 +180,17 @@ def test_copy_cosines_smoke(tmp_path):
         assert -1 <= figures["min"] <= figures["p5"] <= figures["median"] <= 1
     # even random weights keep a re-encoded copy closer to its photo than distinct photos are to each other
     assert report["copies"]["jpeg_q60"]["min"] > report["distinct_photos"]["median"]
+
+
+def test_the_table_says_na_for_what_a_run_did_not_measure():
+    from pipeline.bench.table import format_table
+
+    e2e = {"steady_pairs_per_s": None, "whole_run_pairs_per_s": 12.5, "gpu_busy_steady": None, "startup_s": None,
+           "peak_memory_mib": 900.0, "parquet_bytes_per_pair": 2100.0}
+    report = {"models": {"random_weights": False}, "ray": False, "encoder_batch_size": 8,
+              "cpu": {"decode_images_per_s_per_core": 1.0, "encoder_path_on_cpu_images_per_s_per_core": 1.0,
+                      "mean_jpeg_kb": 1.0, "tokenize_captions_per_s_per_core": 1.0},
+              "runs": {"fp32": {"encoder_ceiling": {"pairs_per_s": 20.0, "model_load_s": 1.0},
+                                "decode_on": {"tasks": {"end_to_end": e2e, "whole_run_ratio": 0.625}}}}}
+    row = format_table(report).splitlines()[1]
+    assert row.split() == ["fp32", "tasks", "20.00", "n/a", "n/a", "12.50", "0.625", "n/a", "n/a", "1.0", "900", "2100"]

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def figure(value, width: int, spec: str) -> str:
+    """A measured figure, or n/a where the run did not measure it (never a made-up 0.00)."""
+    return f"{'n/a' if value is None else format(value, spec):>{width}}"
+
+
 def format_table(report: dict) -> str:
     lines = []
     if report.get("without_ray"):
@@ -15,10 +20,11 @@ def format_table(report: dict) -> str:
         c = run["encoder_ceiling"]
         for placement, placed in run["decode_on"].items():
             e = placed["end_to_end"]
-            busy = f"{e['gpu_busy_steady']:.0%}" if e.get("gpu_busy_steady") is not None else "-"
-            lines.append(f"{precision:<10}{placement:<10}{c['pairs_per_s']:>11.2f}{e['steady_pairs_per_s'] or 0:>10.2f}"
-                         f"{placed.get('steady_ratio', 0):>7.3f}{e['whole_run_pairs_per_s']:>9.2f}"
-                         f"{placed['whole_run_ratio']:>12.3f}{busy:>9}{e['startup_s'] or 0:>10.1f}"
+            busy = f"{e['gpu_busy_steady']:.0%}" if e.get("gpu_busy_steady") is not None else "n/a"
+            lines.append(f"{precision:<10}{placement:<10}{c['pairs_per_s']:>11.2f}"
+                         f"{figure(e['steady_pairs_per_s'], 10, '.2f')}{figure(placed.get('steady_ratio'), 7, '.3f')}"
+                         f"{e['whole_run_pairs_per_s']:>9.2f}"
+                         f"{placed['whole_run_ratio']:>12.3f}{busy:>9}{figure(e['startup_s'], 10, '.1f')}"
                          f"{c['model_load_s']:>8.1f}{e['peak_memory_mib']:>10.0f}{e['parquet_bytes_per_pair']:>8.0f}")
     cpu = report["cpu"]
     lines.append(f"CPU per core: {cpu['decode_images_per_s_per_core']} images/s decoded + resized by PIL (decode_on="
