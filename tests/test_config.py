@@ -107,7 +107,7 @@ def test_a_checkpoint_missing_the_projection_is_refused(tiny_models, tmp_path):
     would load with random layers; the encoder refuses it, naming the weights."""
     from transformers import BertModel, CLIPVisionModel
 
-    from pipeline.embed.encode import load_towers
+    from pipeline.embed.model import load_towers
 
     text, image = tiny_models
     CLIPVisionModel.from_pretrained(image).save_pretrained(tmp_path / "no-projection")

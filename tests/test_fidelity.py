@@ -136,7 +136,7 @@ def test_random_towers_are_drawn_once_from_the_models_own_init(tower):
     usual constructor makes, and every parameter has the spread transformers' own init gives it."""
     from transformers import BertConfig, BertForSequenceClassification, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from pipeline.embed.encode import initialised_once
+    from pipeline.embed.model import initialised_once
 
     model_class, config = {
         "text": (BertForSequenceClassification, BertConfig(vocab_size=2000, hidden_size=128, num_hidden_layers=2,
@@ -167,17 +167,17 @@ def test_random_weights_are_drawn_once_per_machine_and_every_encoder_loads_them(
     that start together draw them once, and every encoder embeds with the same weights."""
     import threading
 
-    from pipeline.embed import encode
+    from pipeline.embed import model
     from pipeline.config import load_config
 
     monkeypatch.setenv("TAIYI_EMBED_CACHE", str(tmp_path / "cache"))
     small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
-    monkeypatch.setattr(encode, "TEXT_ARCH", {**encode.TEXT_ARCH, **small, "vocab_size": 1000})
-    monkeypatch.setattr(encode, "IMAGE_ARCH", {**encode.IMAGE_ARCH, **small})
+    monkeypatch.setattr(model, "TEXT_ARCH", {**model.TEXT_ARCH, **small, "vocab_size": 1000})
+    monkeypatch.setattr(model, "IMAGE_ARCH", {**model.IMAGE_ARCH, **small})
     cfg = load_config(None, ["input=unused", f"output={tmp_path / 'out'}", "model.random_weights=true"])
 
     loaded = []
-    starters = [threading.Thread(target=lambda: loaded.append(encode.load_towers(cfg, random_weights=True)))
+    starters = [threading.Thread(target=lambda: loaded.append(model.load_towers(cfg, random_weights=True)))
                 for _ in range(3)]
     for thread in starters:
         thread.start()
@@ -196,5 +196,5 @@ def test_random_weights_are_drawn_once_per_machine_and_every_encoder_loads_them(
 
     # drawn again from scratch (a new machine, or another node): the same weights, from the seed
     monkeypatch.setenv("TAIYI_EMBED_CACHE", str(tmp_path / "other-node"))
-    text, _ = encode.load_towers(cfg, random_weights=True)
+    text, _ = model.load_towers(cfg, random_weights=True)
     assert torch.equal(text.classifier.weight, loaded[0][0].classifier.weight)

@@ -204,7 +204,7 @@ def test_the_demo_writes_its_shards_at_its_own_path_only(tmp_path, monkeypatch):
 def test_two_fresh_caches_draw_byte_identical_random_weights(tmp_path, monkeypatch):
     """The README's demo figures are what a newcomer gets: the random weights do not depend on the machine's
     cache (with the same torch and transformers versions, which key the cache)."""
-    from pipeline.embed.encode import random_checkpoints
+    from pipeline.embed.model import random_checkpoints
 
     drawn = []
     for cache in ("a", "b"):

@@ -22,7 +22,7 @@ from pipeline.embed.preprocess import load_tokenizer, resolve_tokenizer, tokeniz
 def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str], placements: list[str],
                   cache: Path, memory_check: bool, ceiling_seconds: float, use_ray: bool,
                   fidelity_photos: int) -> dict:
-    from pipeline.embed.encode import decide_random_weights
+    from pipeline.embed.model import decide_random_weights
 
     started = time.perf_counter()
     if use_ray:

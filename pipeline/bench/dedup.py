@@ -218,7 +218,8 @@ def copy_cosines(cfg, photos: int, seed: int = 0) -> dict:
 
     from pipeline.bench.photos import photo_like
     from pipeline.embed.demo import real_photographs
-    from pipeline.embed.encode import Encoder, decide_random_weights
+    from pipeline.embed.encode import Encoder
+    from pipeline.embed.model import decide_random_weights
     from pipeline.embed.image import decode_image
 
     random_weights = decide_random_weights(cfg)

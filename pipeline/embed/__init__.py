@@ -4,8 +4,10 @@
     image.py          the exact image protocol on CPU: bytes -> 224x224 uint8 RGB (PIL bicubic, center crop)
     preprocess.py     decode images (or ship their bytes) and tokenize captions; bad samples become error rows
     device_decode.py  read.decode_on=encoder: decode and resize on the encoder's own device (nvJPEG on a GPU)
+    model.py          the towers' weights: Hub id or local folder, or random weights of the real architectures
     encode.py         the two Taiyi-CLIP towers in a Ray actor: pixels + token ids -> L2-normalised embeddings
     write.py          staged part files, committed per shard as one atomic Parquet file
+    plan.py           what a run will do, decided before Ray starts: shards, model, the output's settings
     run.py            the driver: the Ray Data flow, commits, progress and the summary
     demo.py           the demo's sample shards (real photographs + generated images, Chinese captions)
     data/             the bundled Chinese BERT vocab (random-weight runs, checkpoints without a tokenizer)

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 
 from pipeline.config import JobCfg
-from pipeline.embed.encode import decide_random_weights
+from pipeline.embed.model import decide_random_weights
 from pipeline.embed.preprocess import BUNDLED_VOCAB_DIR, MAX_TEXT_TOKENS, resolve_tokenizer
 from pipeline.io import settings, storage, tables
 from pipeline.io.shards import Shard, committed_names, list_shards

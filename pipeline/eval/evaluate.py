@@ -194,7 +194,7 @@ def image_embeddings(cfg: JobCfg, urls: list[str], random_weights: bool, tokeniz
 def check_before_ray(cfg: EvalCfg) -> bool:
     """What can be wrong before any work (no shards, no access, weights out of reach) raises here, before Ray
     starts: ValueError or storage.StorageError. Returns whether the weights are random."""
-    from pipeline.embed.encode import decide_random_weights
+    from pipeline.embed.model import decide_random_weights
     from pipeline.io.shards import list_shards
 
     job = cfg.job_cfg()
@@ -211,7 +211,7 @@ def sample_error(sample: EvalSample, error: str) -> dict:
 
 
 def evaluate(cfg: EvalCfg, random_weights: bool | None = None) -> dict:
-    from pipeline.embed.encode import decide_random_weights
+    from pipeline.embed.model import decide_random_weights
     from pipeline.embed.preprocess import resolve_tokenizer
 
     job = resolve_actors(cfg.job_cfg(), ray.cluster_resources())
