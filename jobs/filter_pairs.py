@@ -50,11 +50,14 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     report = {k: summary[k] for k in ("rule", "threshold", "pairs", "ok", "errors", "kept", "dropped",
-                                      "kept_fraction_of_ok", "random_weights", "shards_skipped_already_written")}
+                                      "kept_fraction_of_ok", "random_weights", "shards_skipped_already_written",
+                                      "problems")}
     if summary["duplicates"]:
         report["duplicates"] = {k: summary["duplicates"][k] for k in ("near_duplicate", "matches_reference", "groups")}
     print("summary: " + json.dumps(report, ensure_ascii=False), flush=True)
-    return 0
+    for name, problem in summary["problems"].items():
+        print(f"not done in full: {name}: {problem}", file=sys.stderr)
+    return 1 if summary["problems"] else 0
 
 
 if __name__ == "__main__":

@@ -123,3 +123,77 @@ def test_filtered_shards_hold_kept_samples_byte_for_byte(local_ray, tiny_models,
     after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     assert after == before
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["kept"] == summary["kept"]
+
+
+def members_of(path):
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar]
+
+
+def test_damaged_sources_never_stop_the_curation_and_a_rerun_after_repair_completes_it(local_ray, tiny_models,
+                                                                                      tmp_path):
+    """Sources cut short, deleted or overwritten since they were embedded: every other table is done, each
+    damaged one gets its keep-list and the kept samples that could be read, the summary names each problem,
+    the job exits 1; once the sources are back, a rerun redoes just those and ends clean."""
+    import subprocess
+    import sys
+
+    shards = make_shards(tmp_path / "shards", 4, 6)
+    run_embed_job(job_config(tiny_models, f"{tmp_path}/shards/*.tar", str(tmp_path / "emb")))
+    originals = {p.name: p.read_bytes() for p in shards}
+    intact = originals["00000.tar"]
+    cut = intact[: len(intact) // 2]  # ends inside a sample: the samples before it are whole
+    (tmp_path / "shards" / "00000.tar").write_bytes(cut)
+    (tmp_path / "shards" / "00001.tar").unlink()
+    (tmp_path / "shards" / "00002.tar").write_bytes(b"not a tar at all" * 100)
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(repo / "jobs" / "filter_pairs.py"), "--config", str(repo / "configs" / "filter.yaml"),
+               "--set", f"embeddings={tmp_path / 'emb'}", "--set", f"output={tmp_path / 'out'}",
+               "--set", "keep_top_fraction=1.0", "--set", "write_shards=true", "--set", "ray_num_cpus=1"]
+    damaged = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert damaged.returncode == 1, damaged.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(summary["problems"]) == {"00000", "00001", "00002"}
+    assert summary["problems"]["00000"].startswith("shard_truncated: ")
+    assert summary["problems"]["00001"].startswith("shard_missing: ")
+    assert summary["problems"]["00002"].startswith("shard_unreadable: ")
+    for name in ("00000", "00001", "00002"):
+        assert f"not done in full: {name}: " in damaged.stderr
+    kept = kept_rows(tmp_path / "out")
+    assert len(kept) == summary["kept"] == summary["ok"]  # every keep-list written, damaged sources too
+    # the readable part of the cut shard: whole samples, byte for byte, and at least one of them
+    readable = []
+    with tarfile.open(fileobj=__import__("io").BytesIO(cut), mode="r|") as src:
+        try:
+            for m in src:
+                readable.append((m.name, src.extractfile(m).read()))
+        except tarfile.ReadError:
+            pass
+    got = members_of(tmp_path / "out" / "shards" / "00000.tar")
+    keys = {name.split(".")[0] for name, _ in got}
+    assert got and set(got) <= set(readable)
+    assert all(sum(n.split(".")[0] == k for n, _ in got) == 3 for k in keys)  # jpg, txt, json: whole samples
+    assert members_of(tmp_path / "out" / "shards" / "00003.tar") == members_of(shards[3])
+
+    for name, payload in originals.items():  # the sources are repaired
+        (tmp_path / "shards" / name).write_bytes(payload)
+    repaired = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert repaired.returncode == 0, repaired.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["problems"] == {}
+    line = next(l for l in repaired.stdout.splitlines() if l.startswith("summary: "))
+    assert json.loads(line[len("summary: "):])["shards_skipped_already_written"] == 1  # only 00003 was whole
+    for path in shards:
+        assert members_of(tmp_path / "out" / "shards" / path.name) == members_of(path)
+    assert not list((tmp_path / "out").glob("incomplete/*"))
+
+
+def test_an_unreadable_embeddings_table_is_named_and_the_others_are_filtered(local_ray, tmp_path):
+    rng = np.random.default_rng(3)
+    synthetic_tables(tmp_path / "emb", [rng.uniform(0, 1, 30).astype(np.float32) for _ in range(3)])
+    table = tmp_path / "emb" / "embeddings" / "00001.parquet"
+    table.write_bytes(table.read_bytes()[:200])  # cut short after it was committed
+    summary = run_filter_job(filter_cfg(tmp_path / "emb", tmp_path / "out", "keep_top_fraction=0.5"))
+    assert list(summary["problems"]) == ["00001"] and summary["problems"]["00001"].startswith("table_unreadable: ")
+    assert sorted(p.name for p in (tmp_path / "out" / "keep").iterdir()) == ["00000.parquet", "00002.parquet"]
+    assert summary["pairs"] == 60 and summary["kept"] == len(kept_rows(tmp_path / "out"))

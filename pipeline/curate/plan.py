@@ -45,8 +45,18 @@ def plan_filter_run(cfg) -> FilterPlan:
     storage.check_writable(cfg.output, cfg.storage)
     current = filter_settings(cfg, files)
     found = settings.check(cfg.output, cfg.storage, current, cfg.overwrite)
-    return FilterPlan(files=files, models=tables.embedding_models(files[0], cfg.storage), settings=current,
-                      replaced=tuple(found))
+    return FilterPlan(files=files, models=models_of(files, cfg), settings=current, replaced=tuple(found))
+
+
+def models_of(files: list[str], cfg) -> dict:
+    """What made the embeddings, from the first table whose metadata can be read (a damaged table is named by
+    the run, not here)."""
+    for url in files:
+        try:
+            return tables.embedding_models(url, cfg.storage)
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            log.warning("%s: metadata unreadable (%s)", url, exc)
+    return {}
 
 
 def take_over_output(cfg, plan: FilterPlan) -> None:

@@ -17,6 +17,7 @@ from PIL import Image
 
 from pipeline.io import storage
 from pipeline.curate.dedup import MATCHES_REFERENCE, NEAR_DUPLICATE, dropped_positions, reference_tables
+from pipeline.embed.image import without_addresses
 from pipeline.embed.read import IMAGE_EXTENSIONS, positioned_members
 from pipeline.io.schema import STATUS_OK
 from pipeline.io.shards import shard_name
@@ -115,19 +116,23 @@ def thumbnails(shard_url: str, positions: list[int], storage_cfg) -> dict[int, b
     """JPEG thumbnails of the samples at `positions` of one shard (read as the embed job counts samples)."""
     fs, path = storage.filesystem(shard_url, storage_cfg)
     wanted, found = set(positions), {}
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for position, _, ext, member in positioned_members(tar):
-            if position in wanted and ext in IMAGE_EXTENSIONS and position not in found:
-                try:
-                    image = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
-                    image.thumbnail((THUMB_SIDE, THUMB_SIDE))
-                    out = io.BytesIO()
-                    image.save(out, "JPEG", quality=85)
-                    found[position] = out.getvalue()
-                except Exception as exc:  # noqa: BLE001 - a thumbnail is best effort; the row still shows
-                    log.warning("no thumbnail for %s #%d: %s", shard_url, position, exc)
-            if len(found) == len(wanted):
-                break
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for position, _, ext, member in positioned_members(tar):
+                if position in wanted and ext in IMAGE_EXTENSIONS and position not in found:
+                    try:
+                        image = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
+                        image.thumbnail((THUMB_SIDE, THUMB_SIDE))
+                        out = io.BytesIO()
+                        image.save(out, "JPEG", quality=85)
+                        found[position] = out.getvalue()
+                    except Exception as exc:  # noqa: BLE001 - a thumbnail is best effort; the row still shows
+                        log.warning("no thumbnail for %s #%d: %s", shard_url, position, exc)
+                if len(found) == len(wanted):
+                    break
+    except (OSError, EOFError, tarfile.TarError) as exc:  # a source damaged since it was embedded
+        log.warning("thumbnails of %s: the shard cannot be read in full (%s): %d of %d found", shard_url,
+                    without_addresses(exc), len(found), len(wanted))
     return found
 
 

@@ -27,6 +27,7 @@ from pipeline.config import StorageCfg, build_config, validate_positive
 from pipeline.curate.dedup import (MATCHES_REFERENCE, NEAR_DUPLICATE, dropped_positions, find_duplicates,
                                    reference_tables)
 from pipeline.curate.plan import FilterPlan, plan_filter_run, take_over_output
+from pipeline.embed.image import without_addresses
 from pipeline.embed.read import positioned_members
 from pipeline.io.schema import STATUS_OK
 
@@ -160,14 +161,23 @@ class ShardResult:
     errors_by_reason: dict = field(default_factory=dict)
     histogram: list = field(default_factory=list)
     skipped: bool = False
+    problem: str | None = None  # what could not be done in full (a damaged source or table)
 
 
 def filter_table(url: str, threshold: float, cfg: FilterCfg) -> dict:
-    """One embedding table: its keep-list (and filtered shard), atomically, unless already written."""
+    """One embedding table: its keep-list (and filtered shard), atomically, unless already written in full.
+
+    A source shard damaged since it was embedded (missing, not a tar, cut short) still gets its keep-list and a
+    filtered shard of the kept samples that could be read; the problem is returned and recorded in
+    `incomplete/{name}.json`, so that a rerun after the source is repaired does this table again."""
     name = tables.table_name(url)
     fs, out = storage.filesystem(cfg.output, cfg.storage)
     keep_path = storage.join(out, "keep", f"{name}.parquet")
-    table, candidates = survivors(url, cfg, ["key", "shard", "position", "status", "error", "similarity"])
+    marker = storage.join(out, "incomplete", f"{name}.json")
+    try:
+        table, candidates = survivors(url, cfg, ["key", "shard", "position", "status", "error", "similarity"])
+    except (OSError, pa.ArrowException) as exc:  # readable when the run began, not now
+        return ShardResult(shard=url, name=name, problem=f"table_unreadable: {exc}").__dict__
     ok_mask = pc.equal(table.column("status"), STATUS_OK)
     keep_mask = pc.and_(candidates, pc.greater_equal(table.column("similarity"), pa.scalar(threshold, pa.float32())))
     kept = table.filter(keep_mask)
@@ -177,41 +187,84 @@ def filter_table(url: str, threshold: float, cfg: FilterCfg) -> dict:
         ok=len(similarities), kept=kept.num_rows, duplicates=len(similarities) - pc.sum(candidates).as_py(),
         errors_by_reason=dict(collections.Counter(e.split(":", 1)[0] for e in table.column("error").to_pylist() if e)),
         histogram=np.histogram(similarities, bins=REPORT_BINS, range=(-1, 1))[0].tolist())
-    if fs.exists(keep_path) and not cfg.overwrite:
+    if fs.exists(keep_path) and not fs.exists(marker) and not cfg.overwrite:
         result.skipped = True
         return result.__dict__
     if cfg.write_shards and table.num_rows:
         kept_keys = set(kept.column("key").to_pylist())
         positions = set(kept.column("position").to_pylist())
-        payload = filtered_shard(result.shard, kept_keys, positions, cfg.storage)
+        payload, result.problem = filtered_shard(result.shard, kept_keys, positions, cfg.storage)
         storage.write_atomically(fs, storage.join(out, "shards", f"{name}.tar"), payload)
+    if result.problem:
+        storage.write_atomically(fs, marker, json.dumps({"shard": result.shard, "problem": result.problem}).encode())
     sink = io.BytesIO()
     pq.write_table(kept.select(KEEP_SCHEMA.names).cast(KEEP_SCHEMA), sink)
-    storage.write_atomically(fs, keep_path, sink.getvalue())  # last: its presence marks the shard done
+    storage.write_atomically(fs, keep_path, sink.getvalue())  # after the shard: its presence marks the table done
+    if not result.problem and fs.exists(marker):
+        fs.rm(marker)  # repaired: done in full now
     return result.__dict__
 
 
-def filtered_shard(shard_url: str, keep_keys: set[str], keep_positions: set[int], storage_cfg: StorageCfg) -> bytes:
-    """A tar of every member of the kept samples, copied byte for byte with their headers, in shard order.
+def filtered_shard(shard_url: str, keep_keys: set[str], keep_positions: set[int],
+                   storage_cfg: StorageCfg) -> tuple[bytes, str | None]:
+    """A tar of every member of the kept samples, copied byte for byte with their headers, in shard order, and
+    the problem if the source could not be read in full (then the tar holds the kept samples read whole).
 
     Samples are counted as the reader counts them (consecutive members with one key), so a repeated key
     keeps only the occurrence that was embedded and kept."""
     fs, path = storage.filesystem(shard_url, storage_cfg)
-    sink = io.BytesIO()
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as src, \
-            tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as dst:
-        for position, key, _, member in positioned_members(src):
-            if key in keep_keys and position in keep_positions:
-                dst.addfile(member, src.extractfile(member))
-    return sink.getvalue()
+    sink, written, read_any = io.BytesIO(), 0, False
+    with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as dst:
+        sample, members = None, []  # a sample is written whole or not at all
+        try:
+            with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as src:
+                for position, key, _, member in positioned_members(src):
+                    read_any = True
+                    if position != sample:
+                        written += flush(dst, members)
+                        sample, members = position, []
+                    if key in keep_keys and position in keep_positions:
+                        members.append((member, src.extractfile(member).read()))
+            written += flush(dst, members)
+            return sink.getvalue(), None
+        except FileNotFoundError:
+            problem = f"shard_missing: {shard_url} does not exist"
+        except (OSError, EOFError, tarfile.TarError) as exc:
+            kind = "shard_truncated" if read_any else "shard_unreadable"
+            problem = f"{kind}: {without_addresses(exc)}"
+    return sink.getvalue(), f"{problem}; {written} of {len(keep_positions)} kept samples written"
+
+
+def flush(dst: tarfile.TarFile, members: list[tuple[tarfile.TarInfo, bytes]]) -> int:
+    """Write one sample's kept members; 1 if it had any."""
+    for member, payload in members:
+        dst.addfile(member, io.BytesIO(payload))
+    return 1 if members else 0
+
+
+def readable_tables(files: list[str], cfg: FilterCfg) -> dict[str, str]:
+    """{table: problem} of the embedding tables that cannot be read (one Ray task per table): they take no part
+    in the run, and the summary names them."""
+    def check(row):
+        try:
+            tables.read_table(row["file"], cfg.storage, ["status", "similarity"])
+            return {"file": row["file"], "problem": ""}
+        except (OSError, pa.ArrowException) as exc:
+            return {"file": row["file"], "problem": f"table_unreadable: {exc}"}
+
+    files_ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    return {r["file"]: r["problem"] for r in files_ds.map(check, num_cpus=cfg.num_cpus).take_all() if r["problem"]}
 
 
 def run_filter_job(cfg: FilterCfg, plan: FilterPlan | None = None) -> dict:
     """Filter every table of cfg.embeddings into cfg.output; return the summary. `plan` is what plan_filter_run
     decided before Ray started (made here when not given)."""
     plan = plan or plan_filter_run(cfg)
-    files = plan.files
     take_over_output(cfg, plan)
+    unreadable = readable_tables(plan.files, cfg)
+    for url, problem in unreadable.items():
+        log.error("%s: %s; it takes no part in this run", url, problem)
+    files = [f for f in plan.files if f not in unreadable]
     dedup = None
     dedup_started = time.monotonic()
     if cfg.dedup_threshold is not None:  # first: the rule then applies to the survivors
@@ -232,6 +285,11 @@ def run_filter_job(cfg: FilterCfg, plan: FilterPlan | None = None) -> dict:
         lambda row: {"result": json.dumps(filter_table(row["file"], threshold, cfg))},
         num_cpus=cfg.num_cpus).to_pandas()["result"]]
     results.sort(key=lambda r: r["name"])
+    problems = {**{tables.table_name(url): problem for url, problem in unreadable.items()},
+                **{r["name"]: r["problem"] for r in results if r["problem"]}}
+    for r in results:
+        if r["problem"]:
+            log.error("%s (%s): %s", r["name"], r["shard"], r["problem"])
     rows, ok, kept = (sum(r[k] for r in results) for k in ("rows", "ok", "kept"))
     reasons = collections.Counter()
     for r in results:
@@ -248,6 +306,8 @@ def run_filter_job(cfg: FilterCfg, plan: FilterPlan | None = None) -> dict:
         "similarity_histogram": {"bins": REPORT_BINS, "range": [-1, 1], "counts": histogram},
         "shards": {r["shard"]: {k: r[k] for k in ("name", "rows", "ok", "duplicates", "kept", "errors_by_reason")}
                    for r in results},
+        # what could not be done in full, by table name: a rerun after the source is repaired completes it
+        "problems": dict(sorted(problems.items())),
         "embeddings": cfg.embeddings, "write_shards": cfg.write_shards,
         "models": plan.models,
         "random_weights": plan.models.get("random_weights"),
