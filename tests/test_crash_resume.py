@@ -117,10 +117,11 @@ def test_driver_killed_between_commits(tiny_models, shard_folder, tmp_path):
     assert f'"shards_skipped_already_committed": {len(done_before)}' in log
 
 
-def test_driver_killed_during_a_commit_write(tiny_models, shard_folder, tmp_path):
+def test_a_partial_commit_left_by_a_kill_is_never_read_and_is_removed(tiny_models, shard_folder, tmp_path):
     """A commit killed mid-write leaves at most a hidden temp file beside the committed ones (local disk)
-    or nothing (object stores publish a PUT whole). Readers globbing *.parquet never see it; the rerun
-    removes it and commits the shard."""
+    or nothing (object stores publish a PUT whole). The kill of the driver is real; the half-written temp
+    file is put in place by the test (the write lasts milliseconds: a kill cannot be timed into it here).
+    Readers globbing *.parquet never see it; the rerun removes it and commits the shard."""
     out = tmp_path / "out"
     config = write_config(tmp_path, tiny_models, shard_folder, out)
     job = start_job(config)
@@ -133,17 +134,27 @@ def test_driver_killed_during_a_commit_write(tiny_models, shard_folder, tmp_path
     assert not partial.exists()
 
 
-def encoder_actor_pids() -> list[int]:
-    found = subprocess.run(["pgrep", "-f", r"MapWorker\(MapBatches\(Encoder\)\)"], capture_output=True, text=True)
-    return [int(p) for p in found.stdout.split()]
+def encoder_actor_pids(job: subprocess.Popen) -> list[int]:
+    """The encoder actors of this job alone: processes of its own tree (the local Ray it started), never a
+    machine-wide name match that could find another job's encoder."""
+    import psutil
+
+    pids = []
+    for proc in psutil.Process(job.pid).children(recursive=True):
+        try:
+            if "MapWorker(MapBatches(Encoder))" in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return pids
 
 
 def test_encoder_actor_killed_mid_run(tiny_models, shard_folder, tmp_path):
     out = tmp_path / "out"
     config = write_config(tmp_path, tiny_models, shard_folder, out)
     job = start_job(config)
-    wait_until(lambda: staged_parts(out) and len(committed(out)) < N_SHARDS // 2 and encoder_actor_pids(), job)
-    (victim,) = encoder_actor_pids()
+    wait_until(lambda: staged_parts(out) and len(committed(out)) < N_SHARDS // 2 and encoder_actor_pids(job), job)
+    (victim,) = encoder_actor_pids(job)
     os.kill(victim, signal.SIGKILL)
     output, _ = job.communicate(timeout=300)
     assert job.returncode == 0, output[-3000:]

@@ -88,10 +88,16 @@ def test_output_contract(local_ray, tiny_models, shards, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir() if p.name in before} == before
     assert read_output(out).num_rows == 25
 
-    # overwrite=true recomputes, to the same numbers
+    # overwrite=true recomputes (the two files are written again), to the same numbers
+    recomputed = {"00000.parquet", "00001.parquet"}
+    tables_before = {name: pq.read_table(out / "embeddings" / name) for name in recomputed}
+    written_before = {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir()}
     third = run_embed_job(job_config(tiny_models, f"{folder}/0000[0-1].tar", str(out), "overwrite=true"))
     assert third["shards_committed"] == 2 and third["shards_skipped_already_committed"] == 0
-    assert read_output(out).equals(read_output(out))
+    written_after = {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir()}
+    assert {n for n in written_after if written_after[n] != written_before[n]} == recomputed
+    for name in recomputed:
+        assert pq.read_table(out / "embeddings" / name).equals(tables_before[name]), name
     assert pq.read_table(out / "embeddings" / "00000.parquet").column("similarity").equals(
         table.filter(pa.compute.equal(table.column("shard"), str(folder / "00000.tar"))).column("similarity"))
 
