@@ -221,6 +221,14 @@ def _coerce(hint, value, where: str):
                                            and not isinstance(v, bool) for k, v in value.items()):
             return {k: str(v) for k, v in value.items()}
         raise ValueError(f"{where}: expected a mapping of label names to values, got {value!r}")
+    if get_origin(hint) is list and dataclasses.is_dataclass(get_args(hint)[0]):  # e.g. the filter's concepts
+        if isinstance(value, str):  # from --set: 'concepts=[{name: ad, queries: [广告], ...}]'
+            value = yaml.safe_load(value)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list of mappings, got {value!r}")
+        return [build_config(get_args(hint)[0], item, f"{where}[{i}].") for i, item in enumerate(value)]
     if get_origin(hint) is list:  # one or more strings: a YAML list, one string, or null for none
         if isinstance(value, str) and value.strip().startswith("["):  # from --set: 'dedup_against=[a, b]'
             value = yaml.safe_load(value)

@@ -3,6 +3,7 @@ and whether the output was made by the same rule from the same tables. Every pro
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ def filter_settings(cfg, files: list[str]) -> dict:
             "threshold": cfg.dedup_threshold, "against": list(cfg.dedup_against),
             "partition_size": cfg.dedup_partition_size, "probes": cfg.dedup_probes,
             "reference_tables": tables.fingerprint([r.url for r in references], cfg.storage)},
+        "concepts": [dataclasses.asdict(c) for c in cfg.concepts],
         "write_shards": cfg.write_shards,
         "embeddings": cfg.embeddings,
         "embedding_tables": tables.fingerprint(files, cfg.storage),
@@ -44,7 +46,8 @@ def plan_filter_run(cfg) -> FilterPlan:
     files = tables.embedding_files(cfg.embeddings, cfg.storage)
     storage.check_writable(cfg.output, cfg.storage)
     current = filter_settings(cfg, files)
-    found = settings.check(cfg.output, cfg.storage, current, cfg.overwrite)
+    # a dry run writes only its preview: whatever the output holds stays as it is
+    found = [] if cfg.concepts_dry_run else settings.check(cfg.output, cfg.storage, current, cfg.overwrite)
     return FilterPlan(files=files, models=models_of(files, cfg), settings=current, replaced=tuple(found))
 
 

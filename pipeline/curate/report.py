@@ -16,7 +16,8 @@ import ray
 from PIL import Image
 
 from pipeline.io import storage
-from pipeline.curate.dedup import MATCHES_REFERENCE, NEAR_DUPLICATE, dropped_positions, reference_tables
+from pipeline.curate.concepts import ORDER, removed_before_rule
+from pipeline.curate.dedup import MATCHES_REFERENCE, NEAR_DUPLICATE, reference_tables
 from pipeline.embed.image import without_addresses
 from pipeline.embed.read import IMAGE_EXTENSIONS, positioned_members
 from pipeline.io.schema import STATUS_OK
@@ -33,9 +34,9 @@ def band_candidates(url: str, threshold: float, per_band: int, cfg) -> dict:
     driver into global bands."""
     table = read_table(url, cfg.storage, ["key", "shard", "position", "status", "caption", "similarity"])
     ok = table.filter(pc.equal(table.column("status"), STATUS_OK))
-    if cfg.dedup_threshold is not None:
-        dropped = pa.array(sorted(dropped_positions(cfg.output, table_name(url), cfg.storage)), pa.int64())
-        ok = ok.filter(pc.invert(pc.is_in(ok.column("position"), dropped)))
+    removed = removed_before_rule(cfg, table_name(url))
+    if removed:
+        ok = ok.filter(pc.invert(pc.is_in(ok.column("position"), pa.array(sorted(removed), pa.int64()))))
     rows = ok.select(["key", "shard", "position", "caption", "similarity"]).to_pylist()
     by_score = sorted(rows, key=lambda r: r["similarity"])
     near = sorted(rows, key=lambda r: abs(r["similarity"] - threshold))
@@ -196,7 +197,7 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def write_report(cfg, summary: dict, files: list[str], threshold: float) -> str:
+def write_report(cfg, summary: dict, files: list[str], threshold: float, concept_galleries: dict | None = None) -> str:
     """Write {output}/report/: index.html, histogram/shards/errors PNGs, gallery thumbnails. Returns its URL."""
     per_band = cfg.gallery_per_band
     parts = ray.get([ray.remote(num_cpus=cfg.num_cpus)(band_candidates).remote(f, threshold, per_band, cfg)
@@ -210,29 +211,82 @@ def write_report(cfg, summary: dict, files: list[str], threshold: float) -> str:
         "highest": sorted((r for p in parts for r in p["highest"]), key=lambda r: -r["similarity"])[:per_band],
     }
     galleries = duplicate_galleries(cfg, files, per_band) if summary["duplicates"] else {}
+    concept_rows = [rows for rule in (concept_galleries or {}).values() for rows in rule.values()]
+    thumbs = fetch_thumbnails(cfg, [*bands.values(), *galleries.get("groups", []), *galleries.get("references", []),
+                                    *concept_rows])
+    fs, out = storage.filesystem(cfg.output, cfg.storage)
+    folder = storage.join(out, "report")
+    for name, png in plots(summary, threshold).items():
+        storage.write_atomically(fs, storage.join(folder, name), png)
+    names = write_thumbnails(fs, folder, thumbs)
+    page = render_html(summary, threshold, bands, names, galleries, concept_galleries or {})
+    storage.write_atomically(fs, storage.join(folder, "index.html"), page.encode("utf-8"))
+    url = storage.unstrip(fs, storage.join(folder, "index.html"))
+    log.info("report written to %s", url)
+    return url
+
+
+def fetch_thumbnails(cfg, galleries: list[list[dict]]) -> dict[tuple[str, int], bytes]:
+    """{(shard, position): JPEG} for every row of `galleries`: one Ray task per source shard."""
     wanted: dict[str, set[int]] = {}
-    for rows in [*bands.values(), *galleries.get("groups", []), *galleries.get("references", [])]:
+    for rows in galleries:
         for r in rows:
             if r["position"] is not None:
                 wanted.setdefault(r["shard"], set()).add(r["position"])
     shards = list(wanted)
     fetched = ray.get([ray.remote(num_cpus=cfg.num_cpus)(thumbnails).remote(s, sorted(wanted[s]), cfg.storage)
                        for s in shards])
-    thumbs = {(s, pos): data for s, found in zip(shards, fetched) for pos, data in found.items()}
+    return {(s, pos): data for s, found in zip(shards, fetched) for pos, data in found.items()}
 
-    fs, out = storage.filesystem(cfg.output, cfg.storage)
-    folder = storage.join(out, "report")
-    for name, png in plots(summary, threshold).items():
-        storage.write_atomically(fs, storage.join(folder, name), png)
+
+def write_thumbnails(fs, folder: str, thumbs: dict) -> dict[tuple[str, int], str]:
     names = {}
     for i, ((shard, position), data) in enumerate(sorted(thumbs.items())):
         names[(shard, position)] = f"thumbs/{i:04d}.jpg"
         storage.write_atomically(fs, storage.join(folder, names[(shard, position)]), data)
-    page = render_html(summary, threshold, bands, names, galleries)
+    return names
+
+
+def write_concept_preview(cfg, models: dict, concepts: dict, galleries: dict) -> str:
+    """concepts_dry_run: {output}/concepts_preview/index.html, the concept galleries alone; nothing else is
+    written. Returns its URL."""
+    fs, out = storage.filesystem(cfg.output, cfg.storage)
+    folder = storage.join(out, "concepts_preview")
+    names = write_thumbnails(fs, folder, fetch_thumbnails(cfg, [rows for rule in galleries.values()
+                                                                for rows in rule.values()]))
+    banner = RANDOM_BANNER if models.get("random_weights") else ""
+    page = PAGE.format(title="Concept preview", body=f"""<h1>Concept preview (dry run)</h1>{banner}
+<p>Nothing was filtered or written but this page. The galleries cover every ok pair (dedup does not run in a dry
+run). Pick each rule's threshold where the pairs above it are the ones the rule should take.</p>
+{concepts_html(concepts, galleries, names)}""")
     storage.write_atomically(fs, storage.join(folder, "index.html"), page.encode("utf-8"))
     url = storage.unstrip(fs, storage.join(folder, "index.html"))
-    log.info("report written to %s", url)
+    log.info("concept preview written to %s", url)
     return url
+
+
+CONCEPT_BANDS = {"nearest": "Nearest to its queries", "above": "Just above the threshold (the query matches)",
+                 "below": "Just below the threshold (no query matches)"}
+
+
+def concepts_html(concepts: dict | None, galleries: dict, thumbs: dict) -> str:
+    """Per rule: what it is, what it took, and its galleries with each pair's nearest query and cosine."""
+    if not concepts:
+        return ""
+    esc = html.escape
+    parts = [f"<h2>Concept rules</h2><p>Order: {esc(ORDER)}. Queries embedded by "
+             f"<code>{esc(str(concepts['queries_embedded_by'].get('text_model')))}</code>.</p>"]
+    for rule in concepts["rules"]:
+        parts.append(f"<h3>{esc(rule['name'])}: {esc(rule['action'])} at cosine &gt;= {rule['threshold']:g} of "
+                     f"{esc(' / '.join(rule['queries']))} ({rule['dropped']} pairs dropped)</h3>")
+        for band, title in CONCEPT_BANDS.items():
+            cards = []
+            for r in galleries.get(rule["name"], {}).get(band, []):
+                matches = np.float32(r["cosine"]) >= np.float32(rule["threshold"])
+                verdict = "dropped" if matches == (rule["action"] == "drop") else "kept"
+                cards.append(card(r, verdict, thumbs, f' · cos {r["cosine"]:.4f} to {esc(r["query"])}'))
+            parts.append(f'<h4>{title}</h4><div class="band">{"".join(cards)}</div>')
+    return "".join(parts)
 
 
 BAND_TITLES = {"lowest": "Lowest similarity (dropped first)", "threshold": "Around the threshold",
@@ -245,7 +299,7 @@ def card(r: dict, verdict: str, thumbs: dict, note: str = "") -> str:
     src = thumbs.get((r["shard"], r["position"]))
     image = f'<img src="{esc(src)}" alt="{esc(str(r["key"]))}">' if src else '<div class="noimg">no image</div>'
     # scores are float32: 6 decimals tell neighbours apart (4 showed "-0.0239 kept" beside "-0.0239 dropped")
-    score = f'<b>{r["similarity"]:.6f}</b> ' if r["similarity"] is not None else ""
+    score = f'<b>{r["similarity"]:.6f}</b> ' if r.get("similarity") is not None else ""
     return (f'<figure class="{verdict}">{image}<figcaption>{score}<span class="verdict">{verdict}</span>{note}'
             f'<br>{esc(r["caption"] or "")}<br><small>{esc(str(r["key"]))}</small></figcaption></figure>')
 
@@ -278,7 +332,37 @@ def kept_by_rule(similarity: float, threshold: float) -> bool:
     return bool(np.float32(similarity) >= np.float32(threshold))
 
 
-def render_html(summary: dict, threshold: float, bands: dict, thumbs: dict, galleries: dict) -> str:
+RANDOM_BANNER = ('<p style="background:#fdd;padding:8px"><b>These scores come from RANDOM weights (demo or '
+                 'benchmark): they mean nothing.</b></p>')
+# one page layout for the report and the concept preview; {title} and {body} are filled in
+PAGE = """<!doctype html>
+<html lang="zh-CN"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; }} th, td {{ padding: 2px 12px; text-align: left; }}
+.band {{ display: flex; flex-wrap: wrap; gap: 12px; margin-bottom: 16px; }}
+figure {{ width: 200px; margin: 0; padding: 6px; border: 3px solid #ccc; border-radius: 6px; }}
+figure.kept {{ border-color: #55a868; }} figure.dropped {{ border-color: #c44e52; }}
+figure.reference {{ border-color: #4c72b0; }}
+figure img {{ max-width: 192px; max-height: 192px; display: block; margin: auto; }}
+figcaption {{ font-size: 13px; margin-top: 4px; }} .noimg {{ height: 96px; background: #eee; }}
+</style></head>
+<body>
+{body}
+<script>
+// for headless checks: how many images decoded
+window.addEventListener("load", () => {{
+  const images = Array.from(document.images);
+  document.body.dataset.imagesTotal = images.length;
+  document.body.dataset.imagesLoaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
+}});
+</script>
+</body></html>
+"""
+
+
+def render_html(summary: dict, threshold: float, bands: dict, thumbs: dict, galleries: dict,
+                concept_galleries: dict) -> str:
     esc = html.escape
     rule = ", ".join(f"{k} = {v}" for k, v in summary["rule"].items())
     kept = summary["kept_fraction_of_ok"]
@@ -292,22 +376,11 @@ def render_html(summary: dict, threshold: float, bands: dict, thumbs: dict, gall
     if summary["duplicates"]:
         stats["dropped as near-duplicates"] = summary["duplicates"][NEAR_DUPLICATE]
         stats["dropped as matches of reference images"] = summary["duplicates"][MATCHES_REFERENCE]
+    for concept in (summary.get("concepts") or {}).get("rules", []):
+        stats[f"dropped by concept {concept['name']}"] = concept["dropped"]
     rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in stats.items())
-    return f"""<!doctype html>
-<html lang="zh-CN"><head><meta charset="utf-8"><title>Curation report</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; }} th, td {{ padding: 2px 12px; text-align: left; }}
-.band {{ display: flex; flex-wrap: wrap; gap: 12px; margin-bottom: 16px; }}
-figure {{ width: 200px; margin: 0; padding: 6px; border: 3px solid #ccc; border-radius: 6px; }}
-figure.kept {{ border-color: #55a868; }} figure.dropped {{ border-color: #c44e52; }}
-figure.reference {{ border-color: #4c72b0; }}
-figure img {{ max-width: 192px; max-height: 192px; display: block; margin: auto; }}
-figcaption {{ font-size: 13px; margin-top: 4px; }} .noimg {{ height: 96px; background: #eee; }}
-</style></head>
-<body>
-<h1>Curation report</h1>
-{'<p style="background:#fdd;padding:8px"><b>These scores come from RANDOM weights (demo or benchmark): they mean nothing.</b></p>' if summary["models"].get("random_weights") else ""}
+    body = f"""<h1>Curation report</h1>
+{RANDOM_BANNER if summary["models"].get("random_weights") else ""}
 <p>Rule: {esc(rule)}. Embeddings: <code>{esc(str(summary["embeddings"]))}</code>.
 Models: <code>{esc(str(summary["models"].get("text_model")))}</code> +
 <code>{esc(str(summary["models"].get("image_model")))}</code>.
@@ -319,14 +392,6 @@ Error rows are always dropped. Similarity scores are specific to the model that 
 <h2>What the threshold drops</h2>
 {"".join(gallery)}
 {duplicates_html(summary, galleries, thumbs)}
-<script>
-// for headless checks: how many images decoded
-window.addEventListener("load", () => {{
-  const images = Array.from(document.images);
-  document.body.dataset.imagesTotal = images.length;
-  document.body.dataset.imagesLoaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
-}});
-</script>
-<script type="application/json" id="summary">{esc(json.dumps({k: summary[k] for k in ("pairs", "ok", "kept")}))}</script>
-</body></html>
-"""
+{concepts_html(summary.get("concepts"), concept_galleries, thumbs)}
+<script type="application/json" id="summary">{esc(json.dumps({k: summary[k] for k in ("pairs", "ok", "kept")}))}</script>"""
+    return PAGE.format(title="Curation report", body=body)

@@ -8,6 +8,7 @@ locates the bin that holds the cut-off rank, then only that bin's values are gat
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import json
 import logging
@@ -24,8 +25,9 @@ import ray
 
 from pipeline.io import storage, tables
 from pipeline.config import StorageCfg, build_config, validate_positive
-from pipeline.curate.dedup import (MATCHES_REFERENCE, NEAR_DUPLICATE, dropped_positions, find_duplicates,
-                                   reference_tables)
+from pipeline.curate.concepts import (ORDER, ConceptCfg, apply_concepts, concept_dropped_positions, embed_queries,
+                                     merge_galleries, query_models, removed_before_rule, validate_concepts)
+from pipeline.curate.dedup import MATCHES_REFERENCE, NEAR_DUPLICATE, find_duplicates, reference_tables
 from pipeline.curate.plan import FilterPlan, plan_filter_run, take_over_output
 from pipeline.embed.image import without_addresses
 from pipeline.embed.read import positioned_members
@@ -66,6 +68,12 @@ class FilterCfg:
     dedup_partition_size: int = 50_000
     # partitions each pair is assigned to beyond that size: more find more duplicates, with more work
     dedup_probes: int = 2
+    # rules by meaning, applied after dedup and before the similarity rule (pipeline/curate/concepts.py): each
+    # {name, queries: [text, ...], action: drop | keep_only, threshold: cosine of image and query}
+    concepts: list[ConceptCfg] = field(default_factory=list)
+    # only embed the concepts' queries and write concepts_preview/index.html (galleries per concept): nothing
+    # else is written, so thresholds can be chosen by looking before a run applies them
+    concepts_dry_run: bool = False
     # CPUs per filtering task
     num_cpus: float = 0.5
     storage: StorageCfg = field(default_factory=StorageCfg)
@@ -94,16 +102,21 @@ def load_filter_config(path, overrides=()) -> FilterCfg:
         raise ValueError(f"dedup_threshold: a cosine in (0, 1], or null for no dedup; got {cfg.dedup_threshold}")
     if cfg.dedup_against and cfg.dedup_threshold is None:
         raise ValueError("dedup_against: needs dedup_threshold (the cosine at which an image matches a reference)")
+    validate_concepts(cfg.concepts)
+    if cfg.concepts_dry_run and not cfg.concepts:
+        raise ValueError("concepts_dry_run: needs concepts (the rules whose galleries it shows)")
     return cfg
 
 
 def survivors(url: str, cfg: FilterCfg, columns: list[str]) -> tuple[pa.Table, pa.Array]:
-    """One table's `columns` and the mask of its ok pairs that dedup did not drop (the rule's candidates)."""
+    """One table's `columns` and the mask of its ok pairs that dedup and the concept rules left (the
+    similarity rule's candidates)."""
     table = tables.read_table(url, cfg.storage, list(dict.fromkeys([*columns, "position", "status"])))
     mask = pc.equal(table.column("status"), STATUS_OK)
-    if cfg.dedup_threshold is not None:
-        dropped = pa.array(sorted(dropped_positions(cfg.output, tables.table_name(url), cfg.storage)), pa.int64())
-        mask = pc.and_(mask, pc.invert(pc.is_in(table.column("position"), value_set=dropped)))
+    removed = removed_before_rule(cfg, tables.table_name(url))
+    if removed:
+        mask = pc.and_(mask, pc.invert(pc.is_in(table.column("position"), value_set=pa.array(sorted(removed),
+                                                                                             pa.int64()))))
     return table, mask
 
 
@@ -158,6 +171,7 @@ class ShardResult:
     ok: int = 0
     kept: int = 0
     duplicates: int = 0
+    concept_dropped: int = 0
     errors_by_reason: dict = field(default_factory=dict)
     histogram: list = field(default_factory=list)
     skipped: bool = False
@@ -182,9 +196,11 @@ def filter_table(url: str, threshold: float, cfg: FilterCfg) -> dict:
     keep_mask = pc.and_(candidates, pc.greater_equal(table.column("similarity"), pa.scalar(threshold, pa.float32())))
     kept = table.filter(keep_mask)
     similarities = table.filter(ok_mask).column("similarity").to_numpy(zero_copy_only=False)
+    concept_dropped = len(concept_dropped_positions(cfg.output, name, cfg.storage)) if cfg.concepts else 0
     result = ShardResult(
         shard=table.column("shard")[0].as_py() if table.num_rows else url, name=name, rows=table.num_rows,
-        ok=len(similarities), kept=kept.num_rows, duplicates=len(similarities) - pc.sum(candidates).as_py(),
+        ok=len(similarities), kept=kept.num_rows, concept_dropped=concept_dropped,
+        duplicates=len(similarities) - pc.sum(candidates).as_py() - concept_dropped,
         errors_by_reason=dict(collections.Counter(e.split(":", 1)[0] for e in table.column("error").to_pylist() if e)),
         histogram=np.histogram(similarities, bins=REPORT_BINS, range=(-1, 1))[0].tolist())
     if fs.exists(keep_path) and not fs.exists(marker) and not cfg.overwrite:
@@ -256,15 +272,42 @@ def readable_tables(files: list[str], cfg: FilterCfg) -> dict[str, str]:
     return {r["file"]: r["problem"] for r in files_ds.map(check, num_cpus=cfg.num_cpus).take_all() if r["problem"]}
 
 
+def run_concepts(cfg: FilterCfg, files: list[str], models: dict) -> tuple[dict, dict]:
+    """The concept rules over every table (pipeline/curate/concepts.py): their queries embedded once, one task per
+    table. Returns (the summary's `concepts`, the report's galleries per rule)."""
+    queries = [q for c in cfg.concepts for q in c.queries]
+    by = query_models(models)
+    vectors = ray.get(ray.remote(num_cpus=cfg.num_cpus)(embed_queries).remote(queries, by))
+    task = ray.remote(num_cpus=cfg.num_cpus)(apply_concepts)
+    parts = ray.get([task.remote(f, vectors, cfg, cfg.gallery_per_band, not cfg.concepts_dry_run) for f in files])
+    dropped = collections.Counter()
+    for part in parts:
+        dropped.update(part["dropped"])
+    for c in cfg.concepts:
+        log.info("concept %s (%s at cosine %g of %s): %d pairs dropped", c.name, c.action, c.threshold,
+                 " / ".join(c.queries), dropped[c.name])
+    summary = {"order": ORDER, "queries_embedded_by": by,
+               "rules": [{"name": c.name, "queries": list(c.queries), "action": c.action, "threshold": c.threshold,
+                          "dropped": dropped[c.name]} for c in cfg.concepts]}
+    return summary, merge_galleries(parts, cfg.concepts, cfg.gallery_per_band)
+
+
 def run_filter_job(cfg: FilterCfg, plan: FilterPlan | None = None) -> dict:
     """Filter every table of cfg.embeddings into cfg.output; return the summary. `plan` is what plan_filter_run
     decided before Ray started (made here when not given)."""
     plan = plan or plan_filter_run(cfg)
-    take_over_output(cfg, plan)
+    if not cfg.concepts_dry_run:  # a dry run records nothing in the output
+        take_over_output(cfg, plan)
     unreadable = readable_tables(plan.files, cfg)
     for url, problem in unreadable.items():
         log.error("%s: %s; it takes no part in this run", url, problem)
     files = [f for f in plan.files if f not in unreadable]
+    if cfg.concepts_dry_run:  # no dedup (it writes its drops): the galleries show every ok pair
+        concepts, galleries = run_concepts(dataclasses.replace(cfg, dedup_threshold=None), files, plan.models)
+        from pipeline.curate.report import write_concept_preview
+
+        return {"concepts": concepts, "preview": write_concept_preview(cfg, plan.models, concepts, galleries),
+                "problems": {tables.table_name(u): p for u, p in unreadable.items()}}
     dedup = None
     dedup_started = time.monotonic()
     if cfg.dedup_threshold is not None:  # first: the rule then applies to the survivors
@@ -274,6 +317,7 @@ def run_filter_job(cfg: FilterCfg, plan: FilterPlan | None = None) -> dict:
         log.info("dedup at cosine >= %g: %d near-duplicates dropped (%d groups), %d matches of reference images",
                  cfg.dedup_threshold, dedup[NEAR_DUPLICATE], dedup["groups"], dedup[MATCHES_REFERENCE])
     dedup_s = round(time.monotonic() - dedup_started, 1)
+    concepts, galleries = run_concepts(cfg, files, plan.models) if cfg.concepts else (None, {})
     if cfg.keep_top_fraction is not None:
         threshold, expected_kept, ok_pairs = exact_top_threshold(files, cfg)
         log.info("keep_top_fraction=%g of %d ok pairs: cut-off similarity %.6f", cfg.keep_top_fraction, ok_pairs,
@@ -303,8 +347,10 @@ def run_filter_job(cfg: FilterCfg, plan: FilterPlan | None = None) -> dict:
         "errors_by_reason": dict(reasons),
         "duplicates": None if dedup is None else {
             "threshold": cfg.dedup_threshold, "against": cfg.dedup_against, **dedup},
+        "concepts": concepts,
         "similarity_histogram": {"bins": REPORT_BINS, "range": [-1, 1], "counts": histogram},
-        "shards": {r["shard"]: {k: r[k] for k in ("name", "rows", "ok", "duplicates", "kept", "errors_by_reason")}
+        "shards": {r["shard"]: {k: r[k] for k in ("name", "rows", "ok", "duplicates", "concept_dropped", "kept",
+                                                  "errors_by_reason")}
                    for r in results},
         # what could not be done in full, by table name: a rerun after the source is repaired completes it
         "problems": dict(sorted(problems.items())),
@@ -318,6 +364,6 @@ def run_filter_job(cfg: FilterCfg, plan: FilterPlan | None = None) -> dict:
     if cfg.report:
         from pipeline.curate.report import write_report
 
-        write_report(cfg, summary, files, threshold)
+        write_report(cfg, summary, files, threshold, galleries)
     # not in summary.json, which a rerun must reproduce byte for byte
     return {**summary, "shards_skipped_already_written": sum(r["skipped"] for r in results), "dedup_s": dedup_s}

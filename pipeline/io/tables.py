@@ -44,7 +44,7 @@ def embedding_models(url: str, storage_cfg: StorageCfg) -> dict:
     with fs.open(path, "rb") as f:
         schema = pq.read_schema(f)
     meta = read_metadata(schema) if METADATA_KEY in (schema.metadata or {}) else {}  # not written by our job
-    return {k: meta.get(k) for k in ("text_model", "text_revision", "image_model", "image_revision",
+    return {k: meta.get(k) for k in ("text_model", "text_revision", "image_model", "image_revision", "tokenizer",
                                      "random_weights")}
 
 
