@@ -2,6 +2,7 @@
 
     python jobs/benchmark_dedup.py                      # 1M pairs on this machine's local Ray
     python jobs/benchmark_dedup.py --pairs 20000 --subset 5000      # smoke run (CI)
+    python jobs/benchmark_dedup.py --no-dedup --concepts 10          # 1M pairs, 10 concepts of 3 queries
     python jobs/benchmark_dedup.py --copy-cosines --config configs/benchmark.yaml
 
 Prints and writes: wall time, peak memory, recall against brute force (pipeline/bench/dedup.py). With
@@ -30,6 +31,9 @@ def main(argv=None) -> int:
                         help="dedup_partition_size (default: the filter job's default)")
     parser.add_argument("--probes", type=int, default=None, help="dedup_probes (default: the filter job's default)")
     parser.add_argument("--subset", type=int, default=50_000, help="pairs searched by brute force for recall")
+    parser.add_argument("--no-dedup", action="store_true", help="run the filter job without dedup")
+    parser.add_argument("--concepts", type=int, default=0, help="concept rules of 3 Chinese queries each, embedded "
+                        "by the real text tower with random weights (time and memory only)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     parser.add_argument("--folder", default=None, help="where the synthetic tables go (default: a temporary folder)")
     parser.add_argument("--json", default="benchmark-dedup.json")
@@ -51,9 +55,9 @@ def main(argv=None) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="dedup-bench-") as tmp:
             report = run_dedup_benchmark(
-                Path(args.folder or tmp), args.pairs, args.per_table, args.threshold,
+                Path(args.folder or tmp), args.pairs, args.per_table, None if args.no_dedup else args.threshold,
                 args.partition_size or FilterCfg.dedup_partition_size, args.probes or FilterCfg.dedup_probes,
-                args.subset, args.num_cpus)
+                args.subset, args.num_cpus, concepts=args.concepts)
     report["command"] = " ".join(["python", "jobs/benchmark_dedup.py", *(argv if argv is not None else sys.argv[1:])])
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

@@ -49,9 +49,16 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if cfg.concepts_dry_run:  # nothing filtered: the preview and what each rule would drop
+        would = {r["name"]: r["dropped"] for r in summary["concepts"]["rules"]}
+        print("concepts dry run: " + json.dumps({"preview": summary["preview"], "would_drop": would,
+                                                 "problems": summary["problems"]}, ensure_ascii=False), flush=True)
+        return 1 if summary["problems"] else 0
     report = {k: summary[k] for k in ("rule", "threshold", "pairs", "ok", "errors", "kept", "dropped",
                                       "kept_fraction_of_ok", "random_weights", "shards_skipped_already_written",
                                       "problems")}
+    if summary["concepts"]:
+        report["concepts"] = {r["name"]: r["dropped"] for r in summary["concepts"]["rules"]}
     if summary["duplicates"]:
         report["duplicates"] = {k: summary["duplicates"][k] for k in ("near_duplicate", "matches_reference", "groups")}
     print("summary: " + json.dumps(report, ensure_ascii=False), flush=True)

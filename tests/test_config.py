@@ -91,7 +91,7 @@ def test_shipped_configs_are_valid():
 
     configs = {p.name for p in (REPO / "configs").glob("*.yaml")}
     assert configs == {"demo.yaml", "wukong.yaml", "benchmark.yaml", "benchmark-gpu.yaml", "filter.yaml",
-                       "eval.yaml"}
+                       "filter-concepts.yaml", "eval.yaml"}
     for name in ("demo.yaml", "wukong.yaml", "benchmark.yaml", "benchmark-gpu.yaml"):
         load_config(REPO / "configs" / name)
     # the exact path stays the default where figures favour it (CPU); the GPU production config decodes there
@@ -99,6 +99,7 @@ def test_shipped_configs_are_valid():
     assert load_config(REPO / "configs" / "benchmark.yaml").read.decode_on == "tasks"
     assert load_config(REPO / "configs" / "wukong.yaml").read.decode_on == "encoder"
     load_filter_config(REPO / "configs" / "filter.yaml")
+    assert len(load_filter_config(REPO / "configs" / "filter-concepts.yaml").concepts) == 4
     load_eval_config(REPO / "configs" / "eval.yaml", ["retrieval=flickr30k-cn/*.tar"])
 
 

@@ -19,6 +19,8 @@ RUN_HERE = [
     r"^python jobs/filter_pairs\.py --config configs/filter\.yaml$",
     r"^python jobs/filter_pairs\.py --config configs/filter\.yaml --set min_similarity=0\.2 --set output=demo_data/",
     r"^python jobs/benchmark\.py --tiny ",
+    r"^python jobs/filter_pairs\.py --config configs/filter-concepts\.yaml --set concepts_dry_run=true$",
+    r"^python jobs/filter_pairs\.py --config configs/filter-concepts\.yaml$",
 ]
 # covered elsewhere: (pattern, test file, test function)
 COVERED = [
@@ -126,6 +128,22 @@ def test_readme_demo_then_filter_with_each_rule_and_the_report(checkout):
     assert '"rule": {"min_similarity": 0.2}' in printed  # the command line's rule replaced the file's
     output = checkout / re.search(r"--set output=(\S+)", command).group(1)
     assert len(list((output / "keep").glob("*.parquet"))) == 3
+
+
+def test_readme_concept_rules_preview_then_apply(checkout):
+    if not (checkout / "demo_data" / "output" / "embeddings").exists():
+        run(command_for(RUN_HERE[0]), checkout)
+    run(command_for(RUN_HERE[4]), checkout)
+    curated = checkout / "demo_data" / "curated"
+    assert [p.relative_to(curated).as_posix() for p in curated.rglob("*") if p.is_file() and "thumbs" not in p.parts] \
+        == ["concepts_preview/index.html"]  # a dry run writes its preview and nothing else
+    printed = run(command_for(RUN_HERE[5]), checkout).stdout
+    assert '"random_weights": true' in printed
+    summary = json.loads((curated / "summary.json").read_text())
+    assert [r["name"] for r in summary["concepts"]["rules"]] == ["watermark", "qr_code", "text_screenshot",
+                                                                 "advertisement"]
+    assert len(list((curated / "concepts").glob("*.parquet"))) == 3 and "Concept rules" in (
+        curated / "report" / "index.html").read_text()
 
 
 def test_readme_benchmark_smoke(checkout):

@@ -14,6 +14,7 @@ Figures: the filter job's wall time (dedup and the rest), peak memory of every p
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -61,10 +62,22 @@ def synthetic_vectors(pairs: int, copy_fraction: float, seed: int) -> tuple[np.n
     return vectors[order], original_of
 
 
+# what the synthetic tables say made them: the real architectures with random weights, so that concept queries
+# are embedded by a tower of the real size (their cosines mean nothing; the benchmark measures time and memory)
+SYNTHETIC_MODELS = {"text_model": "IDEA-CCNL/Taiyi-CLIP-Roberta-102M-Chinese", "text_revision": None,
+                    "image_model": "openai/clip-vit-base-patch32", "image_revision": None, "tokenizer": None,
+                    "random_weights": True}
+# 30 curation queries: 10 concepts of 3 queries each
+CONCEPT_QUERIES = [["水印", "水印文字", "图片水印"], ["二维码", "扫码", "条形码"], ["文字截图", "聊天截图", "网页截图"],
+                   ["广告", "促销海报", "商品广告"], ["表情包", "搞笑表情", "动图"], ["美食", "菜肴", "餐厅"],
+                   ["风景", "山水", "自然风光"], ["商品", "产品图", "电商主图"], ["证件照", "身份证", "证件"],
+                   ["裸露", "色情", "暴力"]]
+
+
 def write_tables(folder: Path, vectors: np.ndarray, per_table: int, seed: int) -> list[str]:
     """Embed-job tables (float16 embeddings) of `per_table` rows each; keys are the global row numbers."""
     rng = np.random.default_rng(seed + 1)
-    schema = embedding_table_schema("float16")
+    schema = embedding_table_schema("float16", SYNTHETIC_MODELS)
     (folder / "embeddings").mkdir(parents=True, exist_ok=True)
     text = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(EMBEDDING_DIM, np.float16)), EMBEDDING_DIM)
     shards = []
@@ -132,8 +145,10 @@ def subset_recall(stored: np.ndarray, original_of: np.ndarray, group: np.ndarray
             "recall": round(found / exact, 5) if exact else None}
 
 
-def run_dedup_benchmark(folder: Path, pairs: int, per_table: int, threshold: float, partition_size: int,
-                        probes: int, subset: int, num_cpus: int | None, seed: int = 0) -> dict:
+def run_dedup_benchmark(folder: Path, pairs: int, per_table: int, threshold: float | None, partition_size: int,
+                        probes: int, subset: int, num_cpus: int | None, seed: int = 0, concepts: int = 0) -> dict:
+    """The filter job on synthetic tables: dedup at `threshold` (None: no dedup), and `concepts` concept rules of
+    3 queries each (drop at cosine >= 0.1)."""
     import ray
 
     from pipeline.bench.samplers import MemorySampler, machine
@@ -149,16 +164,31 @@ def run_dedup_benchmark(folder: Path, pairs: int, per_table: int, threshold: flo
     ray.init(num_cpus=num_cpus, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
+        rules = [{"name": f"c{i}", "queries": CONCEPT_QUERIES[i % len(CONCEPT_QUERIES)], "action": "drop",
+                  "threshold": 0.1} for i in range(concepts)]
         cfg = load_filter_config(None, [
             f"embeddings={folder / 'emb'}", f"output={folder / 'out'}", "min_similarity=-1", "report=false",
-            f"dedup_threshold={threshold}", f"dedup_partition_size={partition_size}", f"dedup_probes={probes}",
-            "overwrite=true"])
+            f"dedup_threshold={'null' if threshold is None else threshold}", f"dedup_partition_size={partition_size}",
+            f"dedup_probes={probes}", "overwrite=true", f"concepts={json.dumps(rules, ensure_ascii=False)}"])
         with MemorySampler(interval_s=1.0) as memory:
             t0 = time.monotonic()
             summary = run_filter_job(cfg)
             wall_s = time.monotonic() - t0
     finally:
         ray.shutdown()
+    common = {
+        "machine": machine(), "pairs": pairs, "tables": -(-pairs // per_table), "wall_s": round(wall_s, 1),
+        "peak_memory_gib_all_processes_pss": round(memory.peak_bytes / 2**30, 2),
+        "peak_rss_gib_largest_process": round(max(memory.peak_rss.values()) / 2**30, 2),
+        "largest_process": memory.names.get(max(memory.peak_rss, key=memory.peak_rss.get)),
+        "peak_rss_gib_driver": round(memory.peak_rss.get(os.getpid(), 0) / 2**30, 2),
+    }
+    if concepts:
+        common["concepts"] = {"rules": concepts, "queries": sum(len(r["queries"]) for r in rules),
+                              "concepts_s": summary["concepts_s"],
+                              "dropped": {r["name"]: r["dropped"] for r in summary["concepts"]["rules"]}}
+    if threshold is None:
+        return common
     group = group_of_rows(folder / "out", pairs)
     stored = read_vectors(folder / "emb")
     copies = np.flatnonzero(original_of >= 0)
@@ -167,14 +197,10 @@ def run_dedup_benchmark(folder: Path, pairs: int, per_table: int, threshold: flo
     planted_found = int(np.sum(group[expected] == group[original_of[expected]]))
     subset_figures = subset_recall(stored, original_of, group, threshold, subset, seed)
     return {
-        "machine": machine(), "pairs": pairs, "tables": -(-pairs // per_table), "threshold": threshold,
+        **common, "threshold": threshold,
         "dedup_partition_size": partition_size, "dedup_probes": probes, "search": summary["duplicates"]["search"],
-        "wall_s": round(wall_s, 1), "dedup_s": summary["dedup_s"], "groups": summary["duplicates"]["groups"],
+        "dedup_s": summary["dedup_s"], "groups": summary["duplicates"]["groups"],
         "near_duplicates_dropped": summary["duplicates"]["near_duplicate"],
-        "peak_memory_gib_all_processes_pss": round(memory.peak_bytes / 2**30, 2),
-        "peak_rss_gib_largest_process": round(max(memory.peak_rss.values()) / 2**30, 2),
-        "largest_process": memory.names.get(max(memory.peak_rss, key=memory.peak_rss.get)),
-        "peak_rss_gib_driver": round(memory.peak_rss.get(os.getpid(), 0) / 2**30, 2),
         "planted": {"copies": len(copies), "at_threshold": len(expected), "grouped_by_job": planted_found,
                     "recall": round(planted_found / len(expected), 5) if len(expected) else None},
         "subset": subset_figures,

@@ -277,15 +277,16 @@ def concepts_html(concepts: dict | None, galleries: dict, thumbs: dict) -> str:
     parts = [f"<h2>Concept rules</h2><p>Order: {esc(ORDER)}. Queries embedded by "
              f"<code>{esc(str(concepts['queries_embedded_by'].get('text_model')))}</code>.</p>"]
     for rule in concepts["rules"]:
+        taken = "pairs it would drop" if concepts.get("dry_run") else "pairs dropped"
         parts.append(f"<h3>{esc(rule['name'])}: {esc(rule['action'])} at cosine &gt;= {rule['threshold']:g} of "
-                     f"{esc(' / '.join(rule['queries']))} ({rule['dropped']} pairs dropped)</h3>")
+                     f"{esc(' / '.join(rule['queries']))} ({rule['dropped']} {taken})</h3>")
         for band, title in CONCEPT_BANDS.items():
             cards = []
             for r in galleries.get(rule["name"], {}).get(band, []):
                 matches = np.float32(r["cosine"]) >= np.float32(rule["threshold"])
                 verdict = "dropped" if matches == (rule["action"] == "drop") else "kept"
                 cards.append(card(r, verdict, thumbs, f' · cos {r["cosine"]:.4f} to {esc(r["query"])}'))
-            parts.append(f'<h4>{title}</h4><div class="band">{"".join(cards)}</div>')
+            parts.append(f'<h4>{title}</h4><div class="band">{"".join(cards) or "<p>none</p>"}</div>')
     return "".join(parts)
 
 

@@ -286,7 +286,7 @@ def run_concepts(cfg: FilterCfg, files: list[str], models: dict) -> tuple[dict, 
     for c in cfg.concepts:
         log.info("concept %s (%s at cosine %g of %s): %d pairs dropped", c.name, c.action, c.threshold,
                  " / ".join(c.queries), dropped[c.name])
-    summary = {"order": ORDER, "queries_embedded_by": by,
+    summary = {"order": ORDER, "queries_embedded_by": by, "dry_run": cfg.concepts_dry_run,
                "rules": [{"name": c.name, "queries": list(c.queries), "action": c.action, "threshold": c.threshold,
                           "dropped": dropped[c.name]} for c in cfg.concepts]}
     return summary, merge_galleries(parts, cfg.concepts, cfg.gallery_per_band)
@@ -317,7 +317,9 @@ def run_filter_job(cfg: FilterCfg, plan: FilterPlan | None = None) -> dict:
         log.info("dedup at cosine >= %g: %d near-duplicates dropped (%d groups), %d matches of reference images",
                  cfg.dedup_threshold, dedup[NEAR_DUPLICATE], dedup["groups"], dedup[MATCHES_REFERENCE])
     dedup_s = round(time.monotonic() - dedup_started, 1)
+    concepts_started = time.monotonic()
     concepts, galleries = run_concepts(cfg, files, plan.models) if cfg.concepts else (None, {})
+    concepts_s = round(time.monotonic() - concepts_started, 1)
     if cfg.keep_top_fraction is not None:
         threshold, expected_kept, ok_pairs = exact_top_threshold(files, cfg)
         log.info("keep_top_fraction=%g of %d ok pairs: cut-off similarity %.6f", cfg.keep_top_fraction, ok_pairs,
@@ -366,4 +368,5 @@ def run_filter_job(cfg: FilterCfg, plan: FilterPlan | None = None) -> dict:
 
         write_report(cfg, summary, files, threshold, galleries)
     # not in summary.json, which a rerun must reproduce byte for byte
-    return {**summary, "shards_skipped_already_written": sum(r["skipped"] for r in results), "dedup_s": dedup_s}
+    return {**summary, "shards_skipped_already_written": sum(r["skipped"] for r in results), "dedup_s": dedup_s,
+            "concepts_s": concepts_s}
