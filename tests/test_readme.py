@@ -91,6 +91,7 @@ def run(command: str, cwd: Path) -> subprocess.CompletedProcess:
     # a successful run prints no deprecation warning and no error-level line
     assert "deprecat" not in printed.lower(), [l for l in printed.splitlines() if "eprecat" in l]
     assert not ERROR_LINE.search(printed), ERROR_LINE.search(printed).group(0)
+    assert "\x1b[" not in printed  # a log file or a pipe gets no ANSI colour codes (workers' lines included)
     return result
 
 

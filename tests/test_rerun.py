@@ -189,6 +189,18 @@ def test_the_demo_never_makes_up_data_for_a_mistyped_input(tmp_path, typo):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_production_config_offline_fails_fast_naming_the_model_and_the_download_command(tmp_path):
+    make_shards(tmp_path / "shards", 1, 2)
+    result = run_job("embed_wukong.py", "--config", str(REPO / "configs" / "wukong.yaml"),
+                     "--set", f"input={tmp_path}/shards/00000.tar", "--set", f"output={tmp_path / 'out'}",
+                     cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("config error: cannot load model weights for IDEA-CCNL/Taiyi-CLIP-Roberta-102M-Chinese")
+    assert "hf download NAME --local-dir DIR" in last and "huggingface-cli" not in last
+    assert "Traceback" not in result.stderr and "Started a local Ray" not in result.stderr + result.stdout
+
+
 def test_the_demo_writes_its_shards_at_its_own_path_only(tmp_path, monkeypatch):
     from pipeline.config import load_config
     from pipeline.embed.demo import DEMO_INPUT, make_demo_shards
