@@ -41,9 +41,9 @@ def main(argv=None) -> int:
     init_ray(None, None)
     try:
         metrics = evaluate(cfg, random_weights)
-    except ValueError as exc:
+    except ValueError as exc:  # found during the work (nothing to rank or evaluate): not a start-up mistake
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
     text = json.dumps(metrics, indent=2, ensure_ascii=False)
     print(text)
     log = logging.getLogger("eval")

@@ -46,9 +46,9 @@ def main(argv=None) -> int:
     init_ray(cfg.ray_address, cfg.ray_num_cpus)
     try:
         summary = run_filter_job(cfg, plan)
-    except ValueError as exc:
+    except ValueError as exc:  # found during the work (nothing to rank or evaluate): not a start-up mistake
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
     if cfg.concepts_dry_run:  # nothing filtered: the preview and what each rule would drop
         would = {r["name"]: r["dropped"] for r in summary["concepts"]["rules"]}
         print("concepts dry run: " + json.dumps({"preview": summary["preview"], "would_drop": would,
