@@ -21,6 +21,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="dotted.key=value",
                         help="override a config field, e.g. --set encoder.actors=8 (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="check the config, list the shards, say what is "
+                        "committed and what Ray would be asked for; start nothing, write nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -32,10 +34,10 @@ def main(argv=None) -> int:
 
     from pipeline.embed.demo import make_demo_shards
     from pipeline.embed.plan import plan_embed_run
-    from pipeline.embed.run import init_ray, run_embed_job
+    from pipeline.embed.run import dry_run_report, init_ray, run_embed_job
     from pipeline.io.storage import StorageError
 
-    if cfg.make_demo_shards:
+    if cfg.make_demo_shards and not args.dry_run:  # a dry run writes nothing, demo shards included
         make_demo_shards(cfg)
     try:  # the input, the output's access and settings, the model: all checked before Ray starts
         plan = plan_embed_run(cfg)
@@ -45,6 +47,9 @@ def main(argv=None) -> int:
     except StorageError as exc:
         print(f"storage error: {exc}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        print("dry run: " + json.dumps(dry_run_report(cfg, plan), ensure_ascii=False, indent=2), flush=True)
+        return 0
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     try:
         summary = run_embed_job(cfg, plan)

@@ -21,6 +21,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/filter.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="dotted.key=value")
+    parser.add_argument("--dry-run", action="store_true", help="check the config and the tables, say what is "
+                        "written already and what would change; start nothing, write nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -30,7 +32,7 @@ def main(argv=None) -> int:
         return 2
     logging.getLogger("filter").info("resolved config:\n%s", json.dumps(asdict(cfg), indent=2))
 
-    from pipeline.curate.plan import plan_filter_run
+    from pipeline.curate.plan import dry_run_report, plan_filter_run
     from pipeline.curate.run import run_filter_job
     from pipeline.embed.run import init_ray
     from pipeline.io.storage import StorageError
@@ -43,6 +45,9 @@ def main(argv=None) -> int:
     if plan.models.get("random_weights"):
         logging.getLogger("filter").warning("RANDOM WEIGHTS: the embeddings in %s were made with random weights; "
                                             "their similarities mean nothing", cfg.embeddings)
+    if args.dry_run:
+        print("dry run: " + json.dumps(dry_run_report(cfg, plan), ensure_ascii=False, indent=2), flush=True)
+        return 0
     init_ray(cfg.ray_address, cfg.ray_num_cpus)
     try:
         summary = run_filter_job(cfg, plan)

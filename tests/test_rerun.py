@@ -201,6 +201,34 @@ def test_a_production_config_offline_fails_fast_naming_the_model_and_the_downloa
     assert "Traceback" not in result.stderr and "Started a local Ray" not in result.stderr + result.stdout
 
 
+def test_dry_runs_say_what_would_happen_and_start_nothing(tiny_models, tmp_path):
+    make_shards(tmp_path / "shards", 3, 2)
+    text, image = tiny_models
+    common = ["--set", f"model.text={text}", "--set", f"model.image={image}", "--set", "encoder.actors=2",
+              "--set", "encoder.num_cpus=0.5", "--set", "read.num_cpus=0.5"]
+    result = run_job("embed_wukong.py", "--config", str(REPO / "configs" / "demo.yaml"), "--dry-run",
+                     "--set", f"input={tmp_path}/shards/*.tar", "--set", f"output={tmp_path / 'out'}", *common,
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout[result.stdout.index("dry run: ") + len("dry run: "):])
+    assert report["shards_in_input"] == 3 and report["to_embed"] == 3 and report["already_committed"] == 0
+    assert report["first_shards"][0].endswith("shards/00000.tar") and report["random_weights"] is False
+    assert report["ray_resources"]["encode"]["actors"] == 2 and report["ray_resources"]["read"]["num_cpus"] == 0.5
+    assert "Started a local Ray" not in result.stderr + result.stdout
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # the write-access probe leaves no file
+
+    tables_with_similarities(tmp_path / "emb", [np.linspace(0, 1, 10, dtype=np.float32)] * 2)
+    result = run_job("filter_pairs.py", "--config", str(REPO / "configs" / "filter.yaml"), "--dry-run",
+                     "--set", f"embeddings={tmp_path / 'emb'}", "--set", f"output={tmp_path / 'filtered'}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout[result.stdout.index("dry run: ") + len("dry run: "):])
+    assert report["tables"] == 2 and report["already_written"] == 0
+    assert report["output_settings"]["rule"] == {"keep_top_fraction": 0.5}
+    assert "Started a local Ray" not in result.stderr + result.stdout
+    assert not [p for p in (tmp_path / "filtered").rglob("*") if p.is_file()]
+
+
 def test_the_demo_writes_its_shards_at_its_own_path_only(tmp_path, monkeypatch):
     from pipeline.config import load_config
     from pipeline.embed.demo import DEMO_INPUT, make_demo_shards

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 
 from pipeline.curate.dedup import reference_tables
@@ -31,14 +32,20 @@ def filter_settings(cfg, files: list[str]) -> dict:
         "rule": ({"keep_top_fraction": cfg.keep_top_fraction} if cfg.keep_top_fraction is not None
                  else {"min_similarity": cfg.min_similarity}),
         "dedup": None if cfg.dedup_threshold is None else {
-            "threshold": cfg.dedup_threshold, "against": list(cfg.dedup_against),
+            "threshold": cfg.dedup_threshold, "against": [where(a) for a in cfg.dedup_against],
             "partition_size": cfg.dedup_partition_size, "probes": cfg.dedup_probes,
             "reference_tables": tables.fingerprint([r.url for r in references], cfg.storage)},
-        "concepts": [dataclasses.asdict(c) for c in cfg.concepts],
         "write_shards": cfg.write_shards,
-        "embeddings": cfg.embeddings,
+        "embeddings": where(cfg.embeddings),
         "embedding_tables": tables.fingerprint(files, cfg.storage),
+        # only when there are rules: an output recorded before concept rules existed has none either
+        **({"concepts": [dataclasses.asdict(c) for c in cfg.concepts]} if cfg.concepts else {}),
     }
+
+
+def where(url: str) -> str:
+    """A local folder as an absolute path (`out/` from one directory and `/data/out` are the same output)."""
+    return url if "://" in url else os.path.abspath(url)
 
 
 def plan_filter_run(cfg) -> FilterPlan:
@@ -73,3 +80,15 @@ def take_over_output(cfg, plan: FilterPlan) -> None:
         for path in stale:
             fs.rm(path)
     settings.record(cfg.output, cfg.storage, plan.settings)
+
+
+def dry_run_report(cfg, plan: FilterPlan, shown: int = 5) -> dict:
+    """What a run would do, from the plan alone (no Ray, nothing written)."""
+    fs, out = storage.filesystem(cfg.output, cfg.storage)
+    written = {p.rsplit("/", 1)[-1][: -len(".parquet")] for p in fs.glob(storage.join(out, "keep", "*.parquet"))}
+    names = [tables.table_name(f) for f in plan.files]
+    return {"tables": len(plan.files), "first_tables": plan.files[:shown],
+            "already_written": 0 if cfg.overwrite or plan.replaced else len(written & set(names)),
+            "random_weights": plan.models.get("random_weights"), "output_settings": plan.settings,
+            "replaces_other_settings": list(plan.replaced), "num_cpus_per_task": cfg.num_cpus}
+

@@ -4,6 +4,7 @@ already holds and whether it was made the same way. Every problem found here is 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from pipeline.config import JobCfg
@@ -35,11 +36,15 @@ class EmbedPlan:
 def embed_settings(cfg: JobCfg, random_weights: bool, tokenizer: tuple[str, str | None]) -> dict:
     """Everything that changes a table's numbers or its errors: one output holds one vector space."""
     source, revision = tokenizer
+
+    def model(name: str) -> str:  # a local folder as an absolute path, a Hub id as it is
+        return os.path.abspath(name) if os.path.isdir(name) else name
+
     return {
-        "text_model": cfg.model.text, "text_revision": cfg.model.text_revision,
-        "image_model": cfg.model.image, "image_revision": cfg.model.image_revision,
+        "text_model": model(cfg.model.text), "text_revision": cfg.model.text_revision,
+        "image_model": model(cfg.model.image), "image_revision": cfg.model.image_revision,
         "random_weights": random_weights,
-        "tokenizer": BUNDLED_TOKENIZER if source == str(BUNDLED_VOCAB_DIR) else source,
+        "tokenizer": BUNDLED_TOKENIZER if source == str(BUNDLED_VOCAB_DIR) else model(source),
         "tokenizer_revision": revision, "max_text_tokens": MAX_TEXT_TOKENS,
         "precision": cfg.model.precision, "embedding_dtype": cfg.write.embedding_dtype,
         "image_size": cfg.read.image_size, "decode_on": cfg.read.decode_on,

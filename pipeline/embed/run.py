@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.data import ActorPoolStrategy
 
-from pipeline.config import JobCfg, actor_range, resolve_actors
+from pipeline.config import AUTO_ACTORS, JobCfg, actor_range, resolve_actors
 from pipeline.embed.encode import KEEP_FREED_MEMORY_ENV, Encoder
 from pipeline.embed.plan import EmbedPlan, plan_embed_run, take_over_output
 from pipeline.embed.preprocess import preprocess
@@ -71,6 +71,25 @@ def pool_for_input(cfg: JobCfg, shards: int) -> JobCfg:
     log.info("encoder pool: %d..%d actors for %d shards (encoder.actors=%s)", max(1, shards), high, shards,
              cfg.encoder.actors)
     return dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, actors=f"{max(1, shards)}..{high}"))
+
+
+def dry_run_report(cfg: JobCfg, plan: EmbedPlan, shown: int = 5) -> dict:
+    """What a run would do, from the plan alone (no Ray, nothing written): the shards, what is committed, the
+    model and the resources each stage would ask Ray for."""
+    stages = {"read": {"num_cpus": cfg.read.num_cpus, "label_selector": dict(cfg.read.node_labels) or None},
+              "encode": {"actors": cfg.encoder.actors if cfg.encoder.actors != AUTO_ACTORS else
+                         "auto: one per GPU (or CPU) of the Ray cluster, sized when the run starts",
+                         "num_cpus": cfg.encoder.num_cpus, "num_gpus": cfg.encoder.num_gpus,
+                         "memory_gib": cfg.encoder.memory_gib, "batch_size": cfg.encoder.batch_size,
+                         "label_selector": dict(cfg.encoder.node_labels) or None},
+              "write": {"num_cpus": cfg.write.num_cpus}}
+    if cfg.encoder.actors != AUTO_ACTORS and plan.todo:
+        stages["encode"]["actors"] = pool_for_input(cfg, len(plan.todo)).encoder.actors
+    todo = plan.todo
+    return {"shards_in_input": len(plan.shards), "first_shards": [s.url for s in plan.shards[:shown]],
+            "already_committed": len(plan.shards) - len(todo), "to_embed": len(todo),
+            "random_weights": plan.random_weights, "output_settings": plan.settings,
+            "replaces_other_settings": list(plan.replaced), "ray_resources": stages}
 
 
 def build_dataset(cfg: JobCfg, shards: list[Shard], run_id: str, random_weights: bool,
