@@ -33,7 +33,7 @@ COVERED = [
      "test_ray_job_submit_s3_to_s3"),
     (r"^python jobs/filter_pairs\.py .*--set embeddings=s3://", "tests/test_ray_job_submit.py",
      "test_ray_job_submit_s3_to_s3"),
-    (r"^python jobs/eval_retrieval\.py ", "tests/test_evaluate.py", "test_eval_job_matches_the_reference_path"),
+    (r"^python jobs/eval_retrieval\.py ", "tests/test_rerun.py", "test_the_eval_command_runs_as_documented"),
     (r"^python jobs/benchmark\.py --config configs/benchmark(-gpu)?\.yaml", "tests/test_benchmark.py",
      "test_benchmark_smoke"),
     (r"^0 5 \* \* \* .*ray job submit .* python jobs/filter_pairs\.py .*dedup_against=\[s3://b/curated/\*",

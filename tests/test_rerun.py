@@ -229,6 +229,35 @@ def test_dry_runs_say_what_would_happen_and_start_nothing(tiny_models, tmp_path)
     assert not [p for p in (tmp_path / "filtered").rglob("*") if p.is_file()]
 
 
+def test_the_eval_command_runs_as_documented(tiny_models, tmp_path):
+    make_shards(tmp_path / "shards", 1, 4)
+    text, image = tiny_models
+    result = run_job("eval_retrieval.py", "--config", str(REPO / "configs" / "eval.yaml"),
+                     "--set", f"retrieval={tmp_path}/shards/00000.tar", "--set", f"output={tmp_path / 'metrics'}",
+                     "--set", f"model.text={text}", "--set", f"model.image={image}", "--set", "encoder.actors=1",
+                     "--set", "encoder.batch_size=4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
+    assert metrics["retrieval"]["images"] == 4 and metrics["errors"]["samples"] == 0
+    assert 0 <= metrics["retrieval"]["text_to_image_R@1"] <= 1 and metrics["retrieval"]["text_to_image_R@10"] == 1.0
+
+
+def test_dedup_against_an_unfinished_filter_run_is_refused_before_ray(tmp_path):
+    tables_with_similarities(tmp_path / "emb", [np.linspace(0, 1, 10, dtype=np.float32)] * 2)
+    curated = tmp_path / "curated"  # a filter output whose run stopped after one of two keep-lists
+    (curated / "keep").mkdir(parents=True)
+    (curated / "summary.json").write_text(json.dumps({"embeddings": str(tmp_path / "emb")}))
+    pq.write_table(pa.table({"key": ["0-1"]}), curated / "keep" / "00000.parquet")
+    tables_with_similarities(tmp_path / "new", [np.linspace(0, 1, 10, dtype=np.float32)])
+    result = run_job("filter_pairs.py", "--config", str(REPO / "configs" / "filter.yaml"),
+                     "--set", f"embeddings={tmp_path / 'new'}", "--set", f"output={tmp_path / 'out'}",
+                     "--set", "dedup_threshold=0.95", "--set", f"dedup_against=[{curated}]", cwd=tmp_path)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("config error: dedup_against: ") and "an unfinished filter run? Rerun it first." in last
+    assert "Started a local Ray" not in result.stderr + result.stdout
+
+
 def test_the_demo_writes_its_shards_at_its_own_path_only(tmp_path, monkeypatch):
     from pipeline.config import load_config
     from pipeline.embed.demo import DEMO_INPUT, make_demo_shards
