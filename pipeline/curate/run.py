@@ -1,7 +1,8 @@
 """Curation: pick a similarity threshold (absolute, or the exact top fraction), write keep-lists and filtered shards.
 
-Reads the embed job's committed tables `{embeddings}/embeddings/*.parquet`, one Ray task per table.
-The exact quantile is found in two distributed passes over the similarity column: a fine histogram
+Reads the embed job's committed tables `{embeddings}/embeddings/*.parquet`, one Ray task per table. Order:
+dedup (dedup.py), then the concept rules (concepts.py), then the similarity rule on what they left. The exact
+quantile is found in two distributed passes over the similarity column: a fine histogram
 locates the bin that holds the cut-off rank, then only that bin's values are gathered and sorted.
 """
 
@@ -44,7 +45,7 @@ REPORT_BINS = 200  # 0.01 wide over [-1, 1]: CLIP scores crowd into a narrow ran
 class FilterCfg:
     # the embed job's `output` folder (holds embeddings/*.parquet)
     embeddings: str = ""
-    # folder for keep/*.parquet, shards/*.tar, summary.json and report/
+    # folder for keep/*.parquet, shards/*.tar, duplicates/ and concepts/ drops, summary.json and report/
     output: str = ""
     # keep ok pairs with similarity >= this (model-specific: measure on your data; see README)
     min_similarity: float | None = None
