@@ -194,10 +194,11 @@ def test_end_to_end_through_the_embed_job_and_the_report(embedded, tiny_models, 
 @needs_chromium
 def test_the_concept_galleries_render_in_headless_chromium(embedded, tiny_models, tmp_path):
     rule = {"name": "blue", "queries": ["蓝色"], "action": "keep_only", "threshold": 0.0}
-    cfg = load_filter_config(None, [f"embeddings={embedded / 'emb'}", f"output={tmp_path / 'out'}",
-                                    "concepts_dry_run=true", "min_similarity=-1", "gallery_per_band=3",
-                                    f"concepts={json.dumps([rule])}"])
-    run_filter_job(cfg)
-    page = tmp_path / "out" / "concepts_preview" / "index.html"
-    total, loaded = images_decoded_in_chromium(page, tmp_path / "profile")
-    assert total == page.read_text().count("<img ") >= 3 and loaded == total
+    common = [f"embeddings={embedded / 'emb'}", "min_similarity=-1", "gallery_per_band=3",
+              f"concepts={json.dumps([rule])}"]
+    run_filter_job(load_filter_config(None, [*common, f"output={tmp_path / 'preview'}", "concepts_dry_run=true"]))
+    run_filter_job(load_filter_config(None, [*common, f"output={tmp_path / 'out'}"]))
+    for page in (tmp_path / "preview" / "concepts_preview" / "index.html", tmp_path / "out" / "report" / "index.html"):
+        assert "blue: keep_only at cosine" in page.read_text()
+        total, loaded = images_decoded_in_chromium(page, tmp_path / f"profile-{page.parent.name}")
+        assert total == page.read_text().count("<img ") >= 3 and loaded == total, page
