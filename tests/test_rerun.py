@@ -172,6 +172,26 @@ def test_a_rerun_with_nothing_to_do_reports_what_the_output_holds(local_ray, tin
     assert summary["random_weights"] is True and summary["output_settings"]["random_weights"] is True
 
 
+def test_an_output_from_before_recorded_settings_is_checked_against_its_tables(tiny_models, tmp_path):
+    """Tables committed by an earlier version (no _settings.json): the same models resume, whatever path the
+    old checkout's bundled vocab had; another model is refused."""
+    from pipeline.embed.plan import plan_embed_run
+    from pipeline.io.schema import file_metadata
+
+    make_shards(tmp_path / "shards", 1, 2)
+    cfg = job_config(tiny_models, f"{tmp_path}/shards/00000.tar", str(tmp_path / "out"), "model.random_weights=true")
+    (tmp_path / "out" / "embeddings").mkdir(parents=True)
+    old_meta = {**file_metadata(cfg, True, "/old/checkout/pipeline/data")}  # as the old version wrote it
+    pq.write_table(embedding_table_schema("float16", old_meta).empty_table(),
+                   tmp_path / "out" / "embeddings" / "00000.parquet")
+    plan = plan_embed_run(cfg)
+    assert plan.committed == {"00000"} and plan.todo == []
+    other = job_config(tiny_models, f"{tmp_path}/shards/00000.tar", str(tmp_path / "out"), "model.random_weights=true",
+                       f"model.image={tiny_models[0]}")
+    with pytest.raises(ValueError, match=r"holds tables made with other settings \(image_model: "):
+        plan_embed_run(other)
+
+
 # --- start-up mistakes ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("typo", ["demo_data/shard/00000.tar",        # a folder that does not exist

@@ -33,18 +33,19 @@ class EmbedPlan:
         return [s for s in self.shards if s.name not in self.committed]
 
 
+def model_name(name: str) -> str:
+    """A local folder as an absolute path (the same folder however it was spelled), a Hub id as it is."""
+    return os.path.abspath(name) if os.path.isdir(name) else name
+
+
 def embed_settings(cfg: JobCfg, random_weights: bool, tokenizer: tuple[str, str | None]) -> dict:
     """Everything that changes a table's numbers or its errors: one output holds one vector space."""
     source, revision = tokenizer
-
-    def model(name: str) -> str:  # a local folder as an absolute path, a Hub id as it is
-        return os.path.abspath(name) if os.path.isdir(name) else name
-
     return {
-        "text_model": model(cfg.model.text), "text_revision": cfg.model.text_revision,
-        "image_model": model(cfg.model.image), "image_revision": cfg.model.image_revision,
+        "text_model": model_name(cfg.model.text), "text_revision": cfg.model.text_revision,
+        "image_model": model_name(cfg.model.image), "image_revision": cfg.model.image_revision,
         "random_weights": random_weights,
-        "tokenizer": BUNDLED_TOKENIZER if source == str(BUNDLED_VOCAB_DIR) else model(source),
+        "tokenizer": BUNDLED_TOKENIZER if source == str(BUNDLED_VOCAB_DIR) else model_name(source),
         "tokenizer_revision": revision, "max_text_tokens": MAX_TEXT_TOKENS,
         "precision": cfg.model.precision, "embedding_dtype": cfg.write.embedding_dtype,
         "image_size": cfg.read.image_size, "decode_on": cfg.read.decode_on,
@@ -58,7 +59,11 @@ def settings_of_tables(cfg: JobCfg, committed: set[str]) -> dict | None:
         return None
     fs, out = storage.filesystem(cfg.output, cfg.storage)
     first = storage.unstrip(fs, storage.join(out, "embeddings", f"{min(committed)}.parquet"))
-    return tables.embedding_models(first, cfg.storage)
+    meta = tables.embedding_models(first, cfg.storage)
+    # the models and the weights: the tokenizer was recorded as a path of the checkout that ran then
+    return {"text_model": meta["text_model"] and model_name(meta["text_model"]), "text_revision": meta["text_revision"],
+            "image_model": meta["image_model"] and model_name(meta["image_model"]),
+            "image_revision": meta["image_revision"], "random_weights": meta["random_weights"]}
 
 
 def plan_embed_run(cfg: JobCfg) -> EmbedPlan:
