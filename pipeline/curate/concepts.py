@@ -106,6 +106,12 @@ def rule_columns(concepts: list[ConceptCfg]) -> list[list[int]]:
     return columns
 
 
+def nearest(cosines: np.ndarray, columns: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `cosines`, the index of the nearest query among `columns` and its cosine."""
+    best = columns[0] + np.argmax(cosines[:, columns], axis=1) if len(cosines) else np.zeros(0, np.int64)
+    return best, cosines[np.arange(len(cosines)), best]
+
+
 def decide(cosines: np.ndarray, concepts: list[ConceptCfg]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rule index or -1, nearest query index, its cosine) for each row of `cosines` (pairs x all queries):
     the first rule that drops the pair, in config order."""
@@ -114,8 +120,7 @@ def decide(cosines: np.ndarray, concepts: list[ConceptCfg]) -> tuple[np.ndarray,
     query = np.zeros(n, np.int64)
     cosine = np.zeros(n, np.float32)
     for index, (c, cols) in enumerate(zip(concepts, rule_columns(concepts))):
-        best = cols[0] + np.argmax(cosines[:, cols], axis=1) if n else np.zeros(0, np.int64)
-        best_cosine = cosines[np.arange(n), best]
+        best, best_cosine = nearest(cosines, cols)
         near = best_cosine >= np.float32(c.threshold)
         hit = (rule < 0) & (near if c.action == "drop" else ~near)
         rule[hit], query[hit], cosine[hit] = index, best[hit], best_cosine[hit]
@@ -161,9 +166,8 @@ def apply_concepts(url: str, query_vectors: np.ndarray, cfg, per_band: int, writ
         storage.write_atomically(fs, path, sink.getvalue())
     rows = pairs.to_pylist()
     gallery = {}
-    for index, (c, cols) in enumerate(zip(concepts, rule_columns(concepts))):
-        best = cols[0] + np.argmax(cosines[:, cols], axis=1) if len(rows) else np.zeros(0, np.int64)
-        best_cosine = cosines[np.arange(len(rows)), best]
+    for c, cols in zip(concepts, rule_columns(concepts)):
+        best, best_cosine = nearest(cosines, cols)
 
         def shown(order):
             return [{**rows[i], "query": queries[best[i]], "cosine": float(best_cosine[i])} for i in order]
