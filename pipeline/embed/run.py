@@ -159,6 +159,8 @@ def run_embed_job(cfg: JobCfg, plan: EmbedPlan | None = None) -> dict:
     cfg = resolve_actors(cfg, ray.cluster_resources())
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     shards, todo = plan.shards, plan.todo
+    if todo:  # sized once here: the flow and the progress line see the same pool
+        cfg = pool_for_input(cfg, len(todo))
     log.info("run %s: %d shards in input, %d already committed (skipped), %d to embed",
              run_id, len(shards), len(shards) - len(todo), len(todo))
     take_over_output(cfg, plan)
@@ -183,7 +185,7 @@ def run_embed_job(cfg: JobCfg, plan: EmbedPlan | None = None) -> dict:
     commit_task = ray.remote(num_cpus=cfg.write.num_cpus, max_retries=3)(commit_shard)
     pipeline_started, samples_seen = time.time(), 0
     report = ProgressReport(len(todo), cfg.ray.progress_interval_s, pipeline_started,
-                            encoders=actor_range(pool_for_input(cfg, len(todo)).encoder.actors)[0] if todo else 0)
+                            encoders=actor_range(cfg.encoder.actors)[0] if todo else 0)
     clock, last_output = SteadyClock(), None
 
     def collect(block: bool) -> None:
