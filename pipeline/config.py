@@ -113,8 +113,11 @@ class StorageCfg:
     region: str | None = None
     # unsigned requests (public buckets); credentials always come from the AWS env/profile chain
     anonymous: bool = False
-    # attempts per S3 request on throttling (SlowDown/503) and dropped connections, with backoff
+    # attempts per S3 request on throttling (SlowDown/503), dropped or reset connections and timeouts, with
+    # backoff (botocore's retries); also how often a read broken off mid-body is re-requested (s3fs's)
     max_attempts: int = 10
+    # seconds without a byte from S3 (or to connect) before the attempt counts as failed and is retried
+    timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -283,7 +286,7 @@ def validate(cfg: JobCfg) -> None:
         "read.max_image_pixels": cfg.read.max_image_pixels, "read.image_size": cfg.read.image_size,
         "encoder.batch_size": cfg.encoder.batch_size, "encoder.batches_in_flight": cfg.encoder.batches_in_flight,
         "encoder.torch_threads": cfg.encoder.torch_threads, "storage.max_attempts": cfg.storage.max_attempts,
-        "ray.progress_interval_s": cfg.ray.progress_interval_s,
+        "storage.timeout_s": cfg.storage.timeout_s, "ray.progress_interval_s": cfg.ray.progress_interval_s,
     }
     if cfg.encoder.memory_gib is not None:
         positive["encoder.memory_gib"] = cfg.encoder.memory_gib

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -78,17 +79,30 @@ def all_objects(endpoint: str, bucket: str) -> dict[str, bytes]:
     return {k: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
 
-class FlakyProxy:
-    """An HTTP proxy in front of the S3 server that answers every `every`-th request with 503 SlowDown,
-    as S3 does under load, and forwards the others unchanged. `injected` counts the 503s sent."""
+FAULTS = ("slowdown", "reset_get", "reset_put", "stall")
 
-    def __init__(self, upstream: str, every: int):
+
+class FlakyProxy:
+    """An HTTP proxy in front of the S3 server that breaks requests for the job's data (shards, parts, tables:
+    .tar and .parquet objects) and forwards the others unchanged: of each `every` such requests a fault applies
+    to, the last `burst` are broken. `injected` counts the faults made, `broken` lists their requests.
+    Faults, as S3 and networks make them:
+      slowdown   the request is answered 503 SlowDown (S3 under load)
+      reset_get  a GET gets its headers and half its body, then the connection is reset
+      reset_put  a PUT's connection is reset after half its body was received
+      stall      the request waits `stall_s` before it is answered (a stuck connection)
+    A burst of 2 outlasts aiohttp's own one re-send of an idempotent request on a reused connection."""
+
+    def __init__(self, upstream: str, every: int, fault: str = "slowdown", stall_s: float = 5.0, burst: int = 1):
         import http.server
         import threading
         from urllib.parse import urlparse
 
+        assert fault in FAULTS, fault
         proxy = self
-        self.every, self.requests, self.injected, self._lock = every, 0, 0, threading.Lock()
+        self.every, self.burst, self.fault, self.requests, self.injected = every, burst, fault, 0, 0
+        self._lock = threading.Lock()
+        self._eligible, self.broken = 0, []  # broken: (method, path) of each request a fault was put into
         up = urlparse(upstream)
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -97,15 +111,30 @@ class FlakyProxy:
             def log_message(self, *args):  # quiet
                 pass
 
+            def _reset(self):
+                """Abort the connection with a TCP reset, as a broken network does."""
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+                self.close_connection = True
+
             def _any(self):
                 import http.client
 
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                length = int(self.headers.get("Content-Length") or 0)
+                data_object = self.path.split("?")[0].endswith((".tar", ".parquet"))
+                applies = data_object and {"slowdown": True, "stall": True, "reset_get": self.command == "GET",
+                                           "reset_put": self.command == "PUT"}[proxy.fault]
                 with proxy._lock:
                     proxy.requests += 1
-                    fail = proxy.requests % proxy.every == 0
-                    proxy.injected += fail
-                if fail:
+                    proxy._eligible += applies
+                    fail = applies and proxy._eligible % proxy.every >= proxy.every - proxy.burst
+                if fail and proxy.fault == "reset_put":
+                    self.rfile.read(length // 2)
+                    proxy._count(self)
+                    return self._reset()
+                body = self.rfile.read(length)
+                if fail and proxy.fault == "slowdown":
+                    proxy._count(self)
                     payload = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
                                b"<Message>Please reduce your request rate.</Message></Error>")
                     self.send_response(503)
@@ -114,11 +143,15 @@ class FlakyProxy:
                     self.end_headers()
                     self.wfile.write(payload)
                     return
+                if fail and proxy.fault == "stall":
+                    proxy._count(self)
+                    time.sleep(proxy_stall_s)  # the client gives up first (storage.timeout_s) and retries
                 conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("expect", "connection")}
                 conn.request(self.command, self.path, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
+                conn.close()
                 self.send_response(response.status)
                 for key, value in response.getheaders():
                     # a HEAD's Content-Length is the object's size: only that one passes through
@@ -128,15 +161,31 @@ class FlakyProxy:
                 if self.command != "HEAD":
                     self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                if fail and proxy.fault == "reset_get":
+                    self.wfile.write(data[:len(data) // 2])
+                    proxy._count(self)
+                    return self._reset()
                 if self.command != "HEAD":
                     self.wfile.write(data)
-                conn.close()
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        proxy_stall_s = stall_s
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):  # a client that gave up on a stalled answer
+                pass
+
+        self._server = Server(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def _count(self, request):
+        with self._lock:
+            self.injected += 1
+            self.broken.append((request.command, request.path))
 
     def __enter__(self):
         self._thread.start()

@@ -81,23 +81,55 @@ def test_persistent_errors_fail_early_naming_the_url(ray_with_s3, tiny_models, t
                                  f"storage.endpoint_url={endpoint}"))
 
 
-def test_slowdown_503s_are_retried(ray_with_s3, tiny_models, tmp_path):
-    """S3 answers 503 SlowDown under load: the storage clients' retries absorb them (botocore's standard
-    mode with storage.max_attempts, and s3fs's own, which alone already suffice for this rate), with the
-    reader's shard-level retries switched off (read.attempts=1); nothing is lost or written twice."""
-    endpoint = ray_with_s3
+# (fault, every, burst): of every `every` data requests a fault applies to, the last `burst` are broken; in one
+# 3-shard run the faults hit the shard reads (GET), or the part writes and commits (PUT), several times
+# (a burst of 2 for PUTs: aiohttp re-sends an idempotent request once when a reused connection was reset)
+FAULTS = [("slowdown", 3, 1), ("reset_get", 3, 1), ("reset_put", 4, 2), ("stall", 4, 1)]
+
+
+def run_through_faults(endpoint, tiny_models, tmp_path, fault, every, burst, max_attempts, read_attempts):
+    """The job on 3 shards through a proxy that injects `fault`; returns (summary or the exception, proxy)."""
     bucket = new_bucket(endpoint)
     make_shards(tmp_path, 3, 5)
     upload_folder(endpoint, bucket, tmp_path, "wukong")
-    with FlakyProxy(endpoint, every=3) as proxy:
+    with FlakyProxy(endpoint, every=every, fault=fault, stall_s=3, burst=burst) as proxy:
         cfg = job_config(tiny_models, f"s3://{bucket}/wukong/{{00000..00002}}.tar", f"s3://{bucket}/emb",
-                         f"storage.endpoint_url={proxy.endpoint}", "storage.max_attempts=5", "read.attempts=1")
-        summary = run_embed_job(cfg)
-    # a third of the job's requests (listing, reads, part writes, commits) failed
-    assert proxy.requests >= 15 and proxy.injected == proxy.requests // 3
+                         f"storage.endpoint_url={proxy.endpoint}", f"storage.max_attempts={max_attempts}",
+                         f"read.attempts={read_attempts}", "storage.timeout_s=1")
+        try:
+            outcome = run_embed_job(cfg)
+        except Exception as exc:  # noqa: BLE001 - the run without retries may end any way but a complete one
+            outcome = exc
+    return bucket, outcome, proxy
+
+
+@pytest.mark.parametrize("fault,every,burst", FAULTS)
+def test_storage_faults_are_recovered_by_retries(ray_with_s3, tiny_models, tmp_path, fault, every, burst):
+    """503 SlowDown, connections reset in the middle of a GET and of a PUT, responses stalled past
+    storage.timeout_s: the default retries (storage.max_attempts=10, read.attempts=3) absorb them; nothing is
+    lost or written twice."""
+    endpoint = ray_with_s3
+    bucket, summary, proxy = run_through_faults(endpoint, tiny_models, tmp_path, fault, every, burst,
+                                                max_attempts=10, read_attempts=3)
+    assert proxy.injected >= 3, proxy.injected
+    assert isinstance(summary, dict), summary
     assert summary["shards_committed"] == 3 and summary["shards_failed"] == 0, summary["failed_shards"]
     assert summary["samples"] == 15 and summary["ok"] == 15
     objects = all_objects(endpoint, bucket)
+    assert sorted(k for k in objects if k.startswith("emb/embeddings/")) == [
+        f"emb/embeddings/0000{i}.parquet" for i in range(3)]
     for i in range(3):
         table = pq.read_table(io.BytesIO(objects[f"emb/embeddings/0000{i}.parquet"]))
         assert table.column("key").to_pylist() == [f"0000{i}{j:04d}" for j in range(5)]
+    assert not [k for k in objects if k.startswith("emb/_staging/")]
+
+
+@pytest.mark.parametrize("fault,every,burst", FAULTS)
+def test_without_retries_the_same_faults_break_the_run(ray_with_s3, tiny_models, tmp_path, fault, every, burst):
+    """The same faults with storage.max_attempts=1 and read.attempts=1: the run is not complete. So the
+    faults are real, and the settings are what recovers from them (not some retry the test cannot see)."""
+    _, outcome, proxy = run_through_faults(ray_with_s3, tiny_models, tmp_path, fault, every, burst,
+                                           max_attempts=1, read_attempts=1)
+    assert proxy.injected >= 1
+    complete = isinstance(outcome, dict) and outcome["shards_committed"] == 3 and outcome["ok"] == 15
+    assert not complete, f"{fault}: every shard committed without a single retry; broken: {proxy.broken}"

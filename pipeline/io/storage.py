@@ -15,13 +15,19 @@ def filesystem(url: str, storage: StorageCfg) -> tuple[fsspec.AbstractFileSystem
     options = {}
     if protocol in ("s3", "s3a"):
         options["anon"] = storage.anonymous
-        # SlowDown / 503 / dropped connections: botocore retries with exponential backoff and jitter
-        options["config_kwargs"] = {"retries": {"max_attempts": storage.max_attempts, "mode": "standard"}}
+        # SlowDown / 503 / dropped connections / timeouts: botocore retries with exponential backoff and jitter
+        # (botocore's own `max_attempts` counts retries after the first attempt; `total_max_attempts` counts all)
+        options["config_kwargs"] = {"retries": {"total_max_attempts": storage.max_attempts, "mode": "standard"},
+                                    "connect_timeout": storage.timeout_s, "read_timeout": storage.timeout_s}
         if storage.endpoint_url:
             options["endpoint_url"] = storage.endpoint_url
         if storage.region:
             options["client_kwargs"] = {"region_name": storage.region}
     fs, path = fsspec.core.url_to_fs(url, **options)
+    if protocol in ("s3", "s3a"):
+        # s3fs re-requests a response broken off mid-body (5 times by default): one setting for both layers, so
+        # that storage.max_attempts=1 means one attempt
+        fs.retries = storage.max_attempts
     fs.invalidate_cache()  # fsspec reuses instances: a listing cached by an earlier run would be stale
     return fs, path
 
