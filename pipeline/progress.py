@@ -88,6 +88,12 @@ class SteadyClock:
         batch = self.batches.setdefault((encoder, started), [finished, 0])
         batch[0], batch[1] = max(batch[0], finished), batch[1] + samples
 
+    def pairs_by_encoder(self) -> dict[str, int]:
+        pairs = collections.Counter()
+        for (encoder, _), (_, samples) in self.batches.items():
+            pairs[encoder] += samples
+        return dict(pairs)
+
     def window_start(self) -> float | None:
         """When the last actor has finished its first batch, counting only actors that ran more than one:
         an actor fed a single batch at the very end would otherwise leave no window at all (its batch

@@ -79,7 +79,7 @@ def all_objects(endpoint: str, bucket: str) -> dict[str, bytes]:
     return {k: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
 
-FAULTS = ("slowdown", "reset_get", "reset_put", "stall")
+FAULTS = ("slowdown", "reset_get", "reset_put", "stall", "deny_all", "deny_write")
 
 
 class FlakyProxy:
@@ -91,6 +91,8 @@ class FlakyProxy:
       reset_get  a GET gets its headers and half its body, then the connection is reset
       reset_put  a PUT's connection is reset after half its body was received
       stall      the request waits `stall_s` before it is answered (a stuck connection)
+      deny_all   any request, data or not, is answered 403 AccessDenied (credentials without access)
+      deny_write any PUT or DELETE is answered 403 AccessDenied (a read-only role)
     A burst of 2 outlasts aiohttp's own one re-send of an idempotent request on a reused connection."""
 
     def __init__(self, upstream: str, every: int, fault: str = "slowdown", stall_s: float = 5.0, burst: int = 1):
@@ -122,8 +124,9 @@ class FlakyProxy:
 
                 length = int(self.headers.get("Content-Length") or 0)
                 data_object = self.path.split("?")[0].endswith((".tar", ".parquet"))
-                applies = data_object and {"slowdown": True, "stall": True, "reset_get": self.command == "GET",
-                                           "reset_put": self.command == "PUT"}[proxy.fault]
+                applies = {"deny_all": True, "deny_write": self.command in ("PUT", "DELETE")}.get(proxy.fault) or (
+                    data_object and {"slowdown": True, "stall": True, "reset_get": self.command == "GET",
+                                     "reset_put": self.command == "PUT"}.get(proxy.fault, False))
                 with proxy._lock:
                     proxy.requests += 1
                     proxy._eligible += applies
@@ -133,11 +136,13 @@ class FlakyProxy:
                     proxy._count(self)
                     return self._reset()
                 body = self.rfile.read(length)
-                if fail and proxy.fault == "slowdown":
+                if fail and proxy.fault in ("slowdown", "deny_all", "deny_write"):
                     proxy._count(self)
-                    payload = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
-                               b"<Message>Please reduce your request rate.</Message></Error>")
-                    self.send_response(503)
+                    status, code, message = ((503, b"SlowDown", b"Please reduce your request rate.")
+                                             if proxy.fault == "slowdown" else (403, b"AccessDenied", b"Access Denied"))
+                    payload = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>" + code + b"</Code><Message>"
+                               + message + b"</Message></Error>")
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()

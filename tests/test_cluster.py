@@ -54,10 +54,25 @@ def test_encoder_actors_spread_one_per_gpu_across_nodes(cluster, tiny_models, tm
     assert summary["shards_committed"] == N_SHARDS and summary["samples"] == len(ALL_KEYS)
     assert output_keys(out) == ALL_KEYS  # every sample written once
     assert len(placement) == 2
-    assert sorted(placement.values()) == sorted(w.node_id for w in workers)  # one actor on each GPU node
+    assert sorted(placement.values()) == sorted(w.node_id for w in workers)  # one actor on each GPU node ...
+    assert sorted(pairs_by_node(summary)) == sorted(w.node_id for w in workers)  # ... and both embedded pairs
+
+
+def pairs_by_node(summary) -> dict[str, int]:
+    pairs = {}
+    for encoder in summary["pairs_by_encoder"]:
+        pairs[encoder["node"]] = pairs.get(encoder["node"], 0) + encoder["pairs"]
+    return pairs
 
 
 def test_job_completes_when_a_worker_node_is_lost(cluster, tiny_models, tmp_path):
+    """A worker node is removed while it runs a batch (its raylet, actor, tasks and objects gone at once), a new
+    one is added as an autoscaler would: the job ends with every key once, the rest done by the other nodes."""
+    import psutil
+    from ray._private import ray_constants
+
+    from pipeline.bench.chaos import stage_processes
+
     ray_cluster, workers = cluster
     make_shards(tmp_path / "shards", N_SHARDS, PER_SHARD)
     out = tmp_path / "out"
@@ -65,16 +80,29 @@ def test_job_completes_when_a_worker_node_is_lost(cluster, tiny_models, tmp_path
     result = {}
     job = threading.Thread(target=lambda: result.update(run_embed_job(cfg)))
     job.start()
-    deadline = time.time() + 120
-    while not list((out / "_staging").glob("*/*/*.parquet")) and time.time() < deadline:
-        time.sleep(0.02)
-    assert len(list((out / "embeddings").glob("*.parquet"))) < N_SHARDS if (out / "embeddings").exists() else True
-    ray_cluster.remove_node(workers[1])  # the node, its actor, its tasks and its objects are gone
-    ray_cluster.add_node(num_cpus=4, num_gpus=1)  # the autoscaler's replacement
+    lost = workers[1]
+    raylet = psutil.Process(lost.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+    committed = lambda: len(list((out / "embeddings").glob("*.parquet"))) if (out / "embeddings").exists() else 0
+    deadline, in_flight = time.time() + 120, []
+    while not in_flight and time.time() < deadline:  # its encoder in the middle of a batch
+        in_flight = stage_processes(raylet).get("encoder", [])
+        time.sleep(0.01)
+    if not in_flight:
+        pytest.fail("the node's encoder never ran a batch within 120 s")
+    done_before = committed()
+    ray_cluster.remove_node(lost, allow_graceful=False)
+    replacement = ray_cluster.add_node(num_cpus=4, num_gpus=1)
     job.join(timeout=300)
-    assert not job.is_alive()
-    assert result["shards_committed"] == N_SHARDS and result["shards_failed"] == 0
+    assert not job.is_alive(), "the job did not finish within 300 s of the node loss"
+    assert done_before < N_SHARDS  # the loss came with work left
+    assert result["shards_committed"] == N_SHARDS and result["shards_failed"] == 0, result["failed_shards"]
     assert output_keys(out) == ALL_KEYS  # every key exactly once
+    pairs = pairs_by_node(result)
+    assert sum(pairs.values()) == len(ALL_KEYS)
+    assert set(pairs) <= {workers[0].node_id, lost.node_id, replacement.node_id}, pairs
+    # what the lost node had not delivered, its batch in flight included, was embedded by the node that stayed
+    # and by the replacement, whose new encoder took part
+    assert pairs.get(lost.node_id, 0) < len(ALL_KEYS) and pairs.get(replacement.node_id, 0) > 0, pairs
 
 
 @pytest.fixture

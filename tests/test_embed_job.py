@@ -123,8 +123,7 @@ def test_failed_shards_are_reported_and_not_committed(local_ray, tiny_models, sh
     assert sorted(p.name for p in (out / "embeddings").iterdir()) == ["00002.parquet"]
 
 
-def test_decode_on_encoder_keeps_the_contract_and_two_batches_in_flight(local_ray, tiny_models, shards, tmp_path,
-                                                                        caplog):
+def test_decode_on_encoder_keeps_the_contract(local_ray, tiny_models, shards, tmp_path, caplog):
     """read.decode_on=encoder: the same files, keys, statuses and text embeddings; image embeddings within the
     resize kernel's difference (tiny wide-init towers amplify a 1-level pixel change to ~1e-2)."""
     folder, _ = shards
@@ -149,6 +148,27 @@ def test_decode_on_encoder_keeps_the_contract_and_two_batches_in_flight(local_ra
     a = np.array(exact.filter(ok).column("image_embedding").to_pylist(), np.float32)
     b = np.array(on_encoder.filter(ok).column("image_embedding").to_pylist(), np.float32)
     assert (a * b).sum(1).min() > 0.99
+
+
+def test_two_batches_in_flight_run_at_once_on_one_actor(local_ray, tiny_models, shards, tmp_path):
+    """encoder.batches_in_flight=2: one encoder actor runs two batches at the same time (the rows of each batch
+    carry its actor and when it started and ended: two batches of one actor overlap in time)."""
+    from pipeline.embed.plan import plan_embed_run
+    from pipeline.embed.run import embedding_dataset
+
+    folder, _ = shards
+    cfg = job_config(tiny_models, f"{folder}/{{00000..00003}}.tar", str(tmp_path / "out"), "encoder.batch_size=2",
+                     "read.batch_size=2", "encoder.batches_in_flight=2")
+    plan = plan_embed_run(cfg)
+    ds = embedding_dataset(cfg, [s.url for s in plan.shards], plan.random_weights, plan.tokenizer)
+    batches = {}
+    for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for row in block.select(["encoder", "encode_started", "encoded_at"]).to_pylist():
+            batches[(row["encoder"], row["encode_started"])] = row["encoded_at"]
+    assert len({encoder for encoder, _ in batches}) == 1 and len(batches) >= 8, batches
+    spans = sorted((started, ended) for (_, started), ended in batches.items())
+    overlaps = sum(later_start < ended for (_, ended), (later_start, _) in zip(spans, spans[1:]))
+    assert overlaps >= 1, spans
 
 
 BATCH_POLICY_CHECK = """

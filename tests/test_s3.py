@@ -133,3 +133,32 @@ def test_without_retries_the_same_faults_break_the_run(ray_with_s3, tiny_models,
     assert proxy.injected >= 1
     complete = isinstance(outcome, dict) and outcome["shards_committed"] == 3 and outcome["ok"] == 15
     assert not complete, f"{fault}: every shard committed without a single retry; broken: {proxy.broken}"
+
+
+@pytest.mark.parametrize("fault,where", [("deny_all", "input: access denied listing"),
+                                         ("deny_write", "output: access denied writing")])
+def test_denied_access_fails_before_any_work_naming_the_url(s3, tiny_models, tmp_path, fault, where):
+    """Credentials without access (S3 answers 403 AccessDenied): the job command exits 2 with one line that
+    names the URL, before Ray starts; nothing is written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bucket = new_bucket(s3)
+    make_shards(tmp_path, 1, 2)
+    upload_folder(s3, bucket, tmp_path, "wukong")
+    text, image = tiny_models
+    with FlakyProxy(s3, every=1, fault=fault) as proxy:
+        result = subprocess.run(
+            [sys.executable, "jobs/embed_wukong.py", "--config", "configs/demo.yaml",
+             "--set", f"input=s3://{bucket}/wukong/00000.tar", "--set", f"output=s3://{bucket}/emb/",
+             "--set", f"model.text={text}", "--set", f"model.image={image}", "--set", "make_demo_shards=false",
+             "--set", f"storage.endpoint_url={proxy.endpoint}", "--set", "storage.max_attempts=2"],
+            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    url = f"s3://{bucket}/wukong" if fault == "deny_all" else f"s3://{bucket}/emb/"  # the input's folder is listed
+    (line,) = [l for l in result.stderr.splitlines() if l.startswith("storage error: ")]
+    assert line.startswith(f"storage error: {where} {url}: ") and "Access Denied" in line, line
+    assert "Traceback" not in result.stderr and "ray.init" not in result.stderr.lower()
+    assert proxy.injected >= 1
+    assert sorted(all_objects(s3, bucket)) == ["wukong/00000.tar"]  # nothing written

@@ -68,6 +68,13 @@ def keep_freed_memory() -> bool:
         (M_MMAP_THRESHOLD, HEAP_LIMIT), (M_TRIM_THRESHOLD, HEAP_LIMIT), (M_ARENA_MAX, 1)))
 
 
+def running_node() -> str:
+    """The Ray node this process runs on ("local" outside Ray: the benchmark's in-process run)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
 class Encoder:
     """Ray Data actor: loads the towers once, then embeds batches of prepared rows."""
 
@@ -103,7 +110,9 @@ class Encoder:
 
             self.decoder = DeviceDecoder(self.device, cfg.read.image_size, cfg.read.max_image_pixels)
         self._thread = threading.local()  # each batch in flight (encoder.batches_in_flight) has its own stream
-        self.name = uuid.uuid4().hex[:12]  # tells this actor's batches apart in the driver's steady-state rate
+        # "{node}:{actor}": tells this actor's batches apart in the driver's steady-state rate, and says in the run
+        # summary which node embedded how many pairs
+        self.name = f"{running_node()}:{uuid.uuid4().hex[:12]}"
         log.info("encoder on %s, precision %s, %d torch threads, images decoded %s", self.device, precision,
                  torch.get_num_threads(), f"here ({self.decoder.backend})" if self.decoder else "by the read tasks")
 

@@ -182,7 +182,9 @@ def run_embed_job(cfg: JobCfg, plan: EmbedPlan | None = None) -> dict:
     commits: dict[str, ray.ObjectRef] = {}
     results: dict[str, dict] = {}
     failed: dict[str, str] = {}
-    commit_task = ray.remote(num_cpus=cfg.write.num_cpus, max_retries=3)(commit_shard)
+    # a commit is idempotent: one whose worker or node died is retried for as long as it takes, as Ray Data
+    # retries its own tasks (an error the commit raises is not retried: it is reported)
+    commit_task = ray.remote(num_cpus=cfg.write.num_cpus, max_retries=-1)(commit_shard)
     pipeline_started, samples_seen = time.time(), 0
     report = ProgressReport(len(todo), cfg.ray.progress_interval_s, pipeline_started,
                             encoders=actor_range(cfg.encoder.actors)[0] if todo else 0)
@@ -233,6 +235,9 @@ def run_embed_job(cfg: JobCfg, plan: EmbedPlan | None = None) -> dict:
     summary = summarize(cfg, run_id, started, pipeline_started, shards, todo, results, failed, progress,
                         random_weights)
     summary["output_settings"] = plan.settings  # what every table of the output was made with
+    # which encoder actor, on which node, embedded how many of the pairs written (first copies only)
+    summary["pairs_by_encoder"] = [{"node": name.rpartition(":")[0], "encoder": name.rpartition(":")[2], "pairs": n}
+                                   for name, n in sorted(clock.pairs_by_encoder().items())]
     steady = clock.steady_rate(last_output) if last_output else None
     if steady:
         summary["startup_s"] = round(clock.window_start() - started, 3)
