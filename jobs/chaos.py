@@ -25,7 +25,7 @@ from pipeline.logs import drop_false_alarms  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", type=int, default=120)
+    parser.add_argument("--shards", type=int, default=160)
     parser.add_argument("--per-shard", type=int, default=24)
     parser.add_argument("--kills", type=int, default=50, help="worker and actor kills in the worker phase")
     parser.add_argument("--node-losses", type=int, default=5, help="worker nodes lost in the worker phase")

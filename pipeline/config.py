@@ -56,7 +56,8 @@ class ReadCfg:
     image_size: int = 224
     # where images are decoded and resized: tasks = the CPU read tasks, exactly as the reference protocol;
     # encoder = the read tasks ship JPEG bytes and the encoder actor decodes them on its own device
-    # (nvJPEG + bicubic/antialias resize on a GPU; within ~3e-4 of the exact path, see README "Decode placement")
+    # (nvJPEG + PIL's own bicubic resize, batched, on a GPU: only the JPEG decode differs from the exact path,
+    # see README "Decode placement")
     decode_on: str = "tasks"
     # node labels the read tasks are scheduled on (Ray label_selector), e.g. {node-kind: cpu} keeps the
     # decode work on CPU-only nodes; {} = any node with free CPUs

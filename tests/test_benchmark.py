@@ -34,8 +34,9 @@ def check_end_to_end(run: dict) -> None:
 def check_fidelity(report: dict) -> None:
     fidelity = report["fidelity"]
     assert fidelity["photos"] == 4 and fidelity["took_device_path"] == 4 and "random" in fidelity["weights"]
-    assert 0 < fidelity["pixel_levels_mean"] <= 0.5 and fidelity["embedding_max_component_diff"] <= 6e-4
-    assert 0 <= fidelity["similarity_abs_diff_p50"] <= fidelity["similarity_abs_diff_max"]
+    # on CPU, PIL stands in for nvJPEG and the batched resize is PIL's: the device path is the exact path
+    assert fidelity["pixel_levels_max"] == 0 and fidelity["embedding_max_component_diff"] == 0
+    assert fidelity["similarity_abs_diff_max"] == 0 and set(fidelity["decided_differently"].values()) == {0.0}
 
 
 def test_benchmark_smoke(tmp_path):

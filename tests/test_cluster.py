@@ -68,10 +68,7 @@ def pairs_by_node(summary) -> dict[str, int]:
 def test_job_completes_when_a_worker_node_is_lost(cluster, tiny_models, tmp_path):
     """A worker node is removed while it runs a batch (its raylet, actor, tasks and objects gone at once), a new
     one is added as an autoscaler would: the job ends with every key once, the rest done by the other nodes."""
-    import psutil
-    from ray._private import ray_constants
-
-    from pipeline.bench.chaos import stage_processes
+    from pipeline.bench.chaos import raylet, stage_processes
 
     ray_cluster, workers = cluster
     make_shards(tmp_path / "shards", N_SHARDS, PER_SHARD)
@@ -81,11 +78,11 @@ def test_job_completes_when_a_worker_node_is_lost(cluster, tiny_models, tmp_path
     job = threading.Thread(target=lambda: result.update(run_embed_job(cfg)))
     job.start()
     lost = workers[1]
-    raylet = psutil.Process(lost.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+    lost_raylet = raylet(lost)
     committed = lambda: len(list((out / "embeddings").glob("*.parquet"))) if (out / "embeddings").exists() else 0
     deadline, in_flight = time.time() + 120, []
     while not in_flight and time.time() < deadline:  # its encoder in the middle of a batch
-        in_flight = stage_processes(raylet).get("encoder", [])
+        in_flight = stage_processes(lost_raylet).get("encoder", [])
         time.sleep(0.01)
     if not in_flight:
         pytest.fail("the node's encoder never ran a batch within 120 s")

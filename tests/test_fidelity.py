@@ -198,3 +198,30 @@ def test_random_weights_are_drawn_once_per_machine_and_every_encoder_loads_them(
     monkeypatch.setenv("TAIYI_EMBED_CACHE", str(tmp_path / "other-node"))
     text, _ = model.load_towers(cfg, random_weights=True)
     assert torch.equal(text.classifier.weight, loaded[0][0].classifier.weight)
+
+
+def test_a_non_finite_embedding_is_an_error_row_never_ok(tiny_models, tmp_path, monkeypatch):
+    """An embedding with a NaN or inf (fp16 overflow, a broken checkpoint) becomes an error row with the reason
+    non_finite_embedding; the other rows of the batch stay ok."""
+    images, captions = fidelity_samples()
+    members = []
+    for i, (image, caption) in enumerate(zip(images[:3], captions)):
+        members += [(f"k{i}.{['jpg', 'jpg', 'png'][i]}", image), (f"k{i}.txt", caption.encode())]
+    write_tar_shard(tmp_path / "s.tar", members)
+    cfg = job_config(tiny_models, str(tmp_path / "s.tar"), str(tmp_path / "out"))
+    raw = pa.concat_tables(list(read_shards(pa.table({"shard": [str(tmp_path / "s.tar")]}), cfg)))
+    prepared = preprocess(raw, cfg, resolve_tokenizer(cfg, random_weights=False))
+    encoder = Encoder(cfg)
+    embed = encoder.embed
+
+    def one_nan(images, input_ids):
+        image_emb, text_emb, similarity = embed(images, input_ids)
+        image_emb[1, 7] = np.nan  # the second sample's image embedding
+        return image_emb, text_emb, (image_emb * text_emb).sum(-1)
+
+    monkeypatch.setattr(encoder, "embed", one_nan)
+    embedded = encoder(prepared).filter(pa.compute.greater_equal(prepared.column("position"), 0))
+    assert embedded.column("status").to_pylist() == ["ok", "error", "ok"]
+    assert embedded.column("error").to_pylist()[1] == "non_finite_embedding: NaN or inf from the image tower"
+    assert embedded.column("image_embedding").to_pylist()[1] is None and embedded.column("similarity").is_valid()[
+        1].as_py() is False

@@ -1,4 +1,4 @@
-"""The benchmarks (jobs/benchmark.py, jobs/benchmark_dedup.py): measurements, never part of a run.
+"""The benchmarks (jobs/benchmark.py, jobs/benchmark_dedup.py, jobs/chaos.py): measurements, never part of a run.
 
     benchmark.py    the embed benchmark: ceiling before and after the end-to-end runs, per precision/placement
     ceiling.py      the encoders' ceiling: the towers alone on ready tensors, one probe per encoder actor
@@ -10,4 +10,5 @@
     photos.py       generated photo-like JPEGs and Wukong-like captions as cached shards
     table.py        the printed table
     dedup.py        the filter job's dedup at scale: planted near-duplicates, recall, time, memory
+    chaos.py        the embed job under kills of its workers, actors, nodes and driver: lost, duplicated, errored
 """

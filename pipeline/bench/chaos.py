@@ -9,8 +9,8 @@ autoscaler would. The job must end with exit 0, without a rerun.
 Driver phase: the job on its own local Ray, its driver SIGKILLed at a random moment, then run again, until it
 ends with exit 0.
 
-Only processes of this process's own tree are killed (the cluster it started, the drivers it started), never
-by a machine-wide name match. Every output is checked against the input: keys lost, keys written twice, clean
+Only processes of the job under test are killed (the workers of the cluster this process started, the drivers
+it started), never by a machine-wide name match. Every output is checked against the input: keys lost, keys written twice, clean
 samples written as errors, planted bad samples not written as errors.
 """
 
@@ -113,10 +113,18 @@ def start_job(config: Path, log: Path, address: str | None) -> subprocess.Popen:
                                 env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stage_processes(root: psutil.Process) -> dict[str, list[psutil.Process]]:
-    """The processes under `root` (this process's own tree) now running a stage of the job, by stage."""
+def raylet(node) -> psutil.Process:
+    """The raylet of a node of a `ray.cluster_utils.Cluster`: its workers and actors are its children."""
+    from ray._private import ray_constants
+
+    return psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+
+
+def stage_processes(*roots: psutil.Process) -> dict[str, list[psutil.Process]]:
+    """The processes under `roots` (the raylets of the cluster this process started) now running a stage of
+    the job, by stage."""
     found = collections.defaultdict(list)
-    for proc in root.children(recursive=True):
+    for proc in (child for root in roots for child in root.children(recursive=True)):
         try:
             title = " ".join(proc.cmdline())
         except psutil.Error:  # gone meanwhile
@@ -127,11 +135,11 @@ def stage_processes(root: psutil.Process) -> dict[str, list[psutil.Process]]:
     return found
 
 
-def kill_one(root: psutil.Process, stage: str, rng: random.Random, wait_s: float = 3.0) -> bool:
-    """SIGKILL a process of `root`'s tree running `stage`, waiting up to `wait_s` for one (tasks are short)."""
+def kill_one(roots: list[psutil.Process], stage: str, rng: random.Random, wait_s: float = 3.0) -> bool:
+    """SIGKILL a process under `roots` running `stage`, waiting up to `wait_s` for one (tasks are short)."""
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        running = stage_processes(root).get(stage)
+        running = stage_processes(*roots).get(stage)
         if running:
             try:
                 os.kill(rng.choice(running).pid, signal.SIGKILL)
@@ -156,12 +164,10 @@ def lose_node(cluster, nodes: list, rng: random.Random) -> int:
     """Remove a worker node at random (its raylet, workers, actors and objects gone at once) and add a new one
     in its place, as an autoscaler would; returns how many stage processes it was running then. The node is
     taken while it runs a stage, where it does within 5 s."""
-    from ray._private import ray_constants
-
     victim = rng.choice(nodes)
-    raylet = psutil.Process(victim.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+    its_raylet = raylet(victim)
     deadline = time.monotonic() + 5
-    while not (in_flight := sum(map(len, stage_processes(raylet).values()))) and time.monotonic() < deadline:
+    while not (in_flight := sum(map(len, stage_processes(its_raylet).values()))) and time.monotonic() < deadline:
         time.sleep(0.02)
     cluster.remove_node(victim, allow_graceful=False)
     nodes.remove(victim)
@@ -170,7 +176,7 @@ def lose_node(cluster, nodes: list, rng: random.Random) -> int:
 
 
 def worker_phase(folder: Path, expected: dict[str, str], models: tuple[Path, Path], kills: int, node_losses: int,
-                 seed: int, baseline: bool = True, gpu_nodes: int = 2, interval_s: tuple[float, float] = (0.3, 1.5),
+                 seed: int, baseline: bool = True, gpu_nodes: int = 2, interval_s: tuple[float, float] = (0.2, 1.0),
                  timeout_s: float = 1800) -> dict:
     """The job on a multi-node cluster, its stages' processes killed `kills` times and worker nodes lost
     `node_losses` times while it runs. With `baseline`, the same job runs first without chaos, for the extra
@@ -180,7 +186,6 @@ def worker_phase(folder: Path, expected: dict[str, str], models: tuple[Path, Pat
     rng = random.Random(seed)
     shards = len({k[:5] for k in expected})
     config = write_job_config(folder, shards, models, multi_node=True)
-    me = psutil.Process()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(gpu_nodes)]
     cluster.wait_for_nodes()
@@ -213,7 +218,7 @@ def worker_phase(folder: Path, expected: dict[str, str], models: tuple[Path, Pat
             if not order:  # the stages in turn, each round in a random order
                 order = rng.sample(sorted(STAGES), len(STAGES))
             stage = order.pop()
-            if kill_one(me, stage, rng):
+            if kill_one([raylet(n) for n in [cluster.head_node, *nodes]], stage, rng):
                 report["kills"][stage] += 1
             else:
                 report["no_target_within_3s"][stage] += 1

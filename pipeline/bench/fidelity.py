@@ -50,7 +50,9 @@ def measure_fidelity(cfg: JobCfg, photos: list[bytes], captions: list[str], devi
     image_device = encoder.embed_images(images)
     text = encoder.embed_texts(tokenize(load_tokenizer(*resolve_tokenizer(fp32, True)), [captions[i] for i in keep]))
     delta = (image_device - image_exact).abs().cpu().numpy()
-    similarity_delta = np.abs(((image_device - image_exact) * text).sum(-1).cpu().numpy())
+    similarity_exact = (image_exact * text).sum(-1).cpu().numpy()
+    similarity_device = (image_device * text).sum(-1).cpu().numpy()
+    similarity_delta = np.abs(similarity_device - similarity_exact)
     return {
         "photos": len(keep), "device": str(encoder.device), "decoder": decoder.backend,
         "took_device_path": decoder.on_device, "took_exact_cpu_path": decoder.on_cpu,
@@ -62,4 +64,7 @@ def measure_fidelity(cfg: JobCfg, photos: list[bytes], captions: list[str], devi
         "similarity_abs_diff_p50": float(np.percentile(similarity_delta, 50)),
         "similarity_abs_diff_p99": float(np.percentile(similarity_delta, 99)),
         "similarity_abs_diff_max": float(similarity_delta.max()),
+        # the share of pairs a min_similarity rule at each threshold keeps on one path and drops on the other
+        "decided_differently": {str(t): float(np.mean((similarity_exact >= t) != (similarity_device >= t)))
+                                for t in (0.2, 0.25, 0.3)},
     }

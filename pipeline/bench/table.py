@@ -41,7 +41,8 @@ def format_table(report: dict) -> str:
                      f"{f['pixel_levels_p99']:g} / max {f['pixel_levels_max']} levels; image embedding max "
                      f"|diff| {f['embedding_max_component_diff']:.2e} per component; |delta similarity| p50 "
                      f"{f['similarity_abs_diff_p50']:.1e}, p99 {f['similarity_abs_diff_p99']:.1e}, max "
-                     f"{f['similarity_abs_diff_max']:.1e}")
+                     f"{f['similarity_abs_diff_max']:.1e}; decided differently at min_similarity "
+                     + ", ".join(f"{t}: {share:.2%}" for t, share in f["decided_differently"].items()))
     if "memory_scaling" in report:
         m = report["memory_scaling"]
         lines.append(f"memory ({m['precision']}, decode_on={m['decode_on']}): {m['pairs_small']} -> {m['pairs_large']} "

@@ -3,6 +3,7 @@
     read.py           stream WebDataset tar shards as raw samples, one marker row per shard
     image.py          the exact image protocol on CPU: bytes -> 224x224 uint8 RGB (PIL bicubic, center crop)
     preprocess.py     decode images (or ship their bytes) and tokenize captions; bad samples become error rows
+    resize.py         PIL's bicubic resize + center crop for a whole batch at once, in torch: PIL's bytes
     device_decode.py  read.decode_on=encoder: decode and resize on the encoder's own device (nvJPEG on a GPU)
     model.py          the towers' weights: Hub id or local folder, or random weights of the real architectures
     encode.py         the two Taiyi-CLIP towers in a Ray actor: pixels + token ids -> L2-normalised embeddings

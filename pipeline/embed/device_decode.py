@@ -2,8 +2,9 @@
 
 The read tasks ship each image's bytes. In the encoder actor, the JPEGs that a device decoder sees exactly as
 PIL does (a complete baseline JPEG, RGB or grey, upright, within the pixel cap and the exact aspect range) are
-decoded in one batch on the device, resized shortest edge to 224 with bicubic + antialias in float32, rounded
-to 8 bit and center-cropped: the reference protocol's arithmetic, on the device. Every other image (PNG, WebP,
+decoded in one batch on the device, then resized shortest edge to 224 and center-cropped for the whole batch
+at once with PIL's own bicubic arithmetic (resize.py): the same bytes as the exact path for the same decoded
+pixels. Every other image (PNG, WebP,
 GIF, progressive or CMYK JPEG, EXIF-rotated, truncated, garbage) takes the exact CPU path
 (image.decode_image) one by one, so a bad image becomes the same error row, with the same reason, as with
 read.decode_on=tasks.
@@ -22,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.embed.image import MAX_EXACT_ASPECT, SampleError, decode_image, resize_geometry
+from pipeline.embed.resize import resize_center_crop_batch
 
 EXIF_ORIENTATION = 0x0112
 JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
@@ -73,15 +75,12 @@ class DeviceDecoder:
         if eligible is None:
             eligible = [device_decodable(p, self.size, self.max_pixels) for p in payloads]
         chosen = [i for i, ok in enumerate(eligible) if ok]
-        # resized images stay float32 until all are in: one round + clamp + cast for the batch, not three
-        # kernel launches per image (elementwise, so the same pixels)
-        resized = torch.zeros((len(payloads), 3, self.size, self.size), dtype=torch.float32, device=self.device)
-        done = set()
-        for i, image in zip(chosen, self.decode_jpegs([payloads[i] for i in chosen])):
-            if image is not None:
-                resized[i] = self.resize_center_crop(image)
-                done.add(i)
-        images = resized.round_().clamp_(0, 255).to(torch.uint8)
+        decoded = [(i, image) for i, image in zip(chosen, self.decode_jpegs([payloads[i] for i in chosen]))
+                   if image is not None]
+        images = torch.zeros((len(payloads), 3, self.size, self.size), dtype=torch.uint8, device=self.device)
+        if decoded:  # one batched resize for all of them
+            images[[i for i, _ in decoded]] = resize_center_crop_batch([image for _, image in decoded], self.size)
+        done = {i for i, _ in decoded}
         errors: list[str | None] = [None] * len(payloads)
         exact = [i for i in range(len(payloads)) if i not in done]
         for i in exact:
@@ -121,14 +120,3 @@ class DeviceDecoder:
             return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
         return [torch.from_numpy(np.array(Image.open(io.BytesIO(p)).convert("RGB"))).permute(2, 0, 1)
                 for p in payloads]
-
-    def resize_center_crop(self, image):
-        """The exact path's resize (image.resize_center_crop) with torch's bicubic + antialias kernel:
-        3 x size x size float32, not yet rounded to 8 bit."""
-        import torch
-
-        _, height, width = image.shape
-        new_w, new_h, top, left = resize_geometry(width, height, self.size)
-        resized = torch.nn.functional.interpolate(image[None].float(), size=(new_h, new_w), mode="bicubic",
-                                                  antialias=True, align_corners=False)
-        return resized[0, :, top : top + self.size, left : left + self.size]

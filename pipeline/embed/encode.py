@@ -204,7 +204,14 @@ class Encoder:
                 image_emb[todo] = self.embed_images(images).cpu().numpy()
         ok = np.zeros(n, bool)
         ok[todo] = True
-        if self.decoder is not None:
+        # a NaN or inf (an overflow in fp16, a broken checkpoint) is never an ok row: it would poison every
+        # similarity rule and dedup search that reads it
+        for i in np.flatnonzero(ok & ~(np.isfinite(image_emb).all(1) & np.isfinite(text_emb).all(1)
+                                       & np.isfinite(similarity))):
+            towers = [name for name, emb in (("image", image_emb), ("text", text_emb)) if not np.isfinite(emb[i]).all()]
+            errors[i] = f"non_finite_embedding: NaN or inf from the {' and '.join(towers) or 'similarity'} tower"
+            ok[i] = False
+        if self.decoder is not None or not ok[todo].all():
             batch = batch.set_column(batch.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
         table = embedded_table(batch, ok, image_emb.astype(self.embedding_dtype), text_emb.astype(self.embedding_dtype),
                                similarity)

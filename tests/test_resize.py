@@ -1,0 +1,124 @@
+"""The batched resize (pipeline/embed/resize.py) gives PIL's bytes: 0 differing bytes against the exact path's
+Image.resize(..., BICUBIC) + center crop, on the same decoded pixels, for every kind of image the exact path
+resizes; and its device operations per batch do not grow with the number of images."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import rgb_image
+from pipeline.bench.photos import benchmark_photos
+from pipeline.embed.demo import real_photographs, shape_image
+from pipeline.embed.image import MAX_EXACT_ASPECT, resize_center_crop
+from pipeline.embed.resize import resize_center_crop_batch
+
+SIZE = 224
+
+
+def as_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def differing_bytes(images: list[Image.Image], **kwargs) -> list[int]:
+    """Per image: bytes where the batched resize differs from the exact path (all images in one batch)."""
+    batched = resize_center_crop_batch([as_tensor(i) for i in images], SIZE, **kwargs)
+    return [int((b.permute(1, 2, 0).numpy() != resize_center_crop(i.convert("RGB"), SIZE)).sum())
+            for i, b in zip(images, batched)]
+
+
+def generated(width: int, height: int, seed: int) -> Image.Image:
+    """A photo-like scene where it is large enough, noise where it is tiny (every pixel counts there)."""
+    if min(width, height) >= 8:
+        return shape_image((40 * seed % 255, 120, 200), ["ellipse", "rectangle", "polygon"][seed % 3],
+                           (width, height), seed)
+    return rgb_image(width, height, seed)
+
+
+# (width, height): downscaling and upscaling, both orientations, 1-pixel sides, sizes at the crop, and the
+# extreme aspect ratios up to the exact path's limit (MAX_EXACT_ASPECT)
+SHAPES = [(640, 480), (480, 640), (1000, 700), (333, 1001), (97, 61), (37, 300), (3, 3), (1, 1), (1, 20), (20, 1),
+          (224, 224), (225, 224), (224, 500), (500, 224), (300, 299), (2048, 1536),
+          (SIZE * MAX_EXACT_ASPECT, SIZE), (SIZE, SIZE * MAX_EXACT_ASPECT), (20 * 50, 50), (11, 11 * 20),
+          # both sides of Pillow's choice of pass order (resize.vertical_first), and tall images that grow
+          (230, 460), (230, 461), (225, 451), (333, 1001), (100, 250), (50, 101)]
+
+
+def test_generated_images_of_every_shape_equal_pil_byte_for_byte():
+    images = [generated(w, h, seed) for seed, (w, h) in enumerate(SHAPES)]
+    assert differing_bytes(images) == [0] * len(images)
+
+
+def test_grey_images_and_the_demo_photographs_equal_pil_byte_for_byte():
+    images = [image for image, _ in real_photographs()]
+    images += [generated(w, h, 5).convert("L") for w, h in ((640, 480), (50, 70), (1, 20))]
+    assert differing_bytes(images) == [0] * len(images)
+
+
+def test_benchmark_photos_equal_pil_byte_for_byte_in_small_chunks():
+    """Photos of the benchmark's kind (200-1000 px JPEGs); a small budget splits the batch into chunks of
+    mixed sizes, and every image still lands in its own slot."""
+    import io
+
+    images = [Image.open(io.BytesIO(p)) for p in benchmark_photos(24, seed=2)]
+    assert differing_bytes(images, budget=2_000_000) == [0] * len(images)
+
+
+def test_a_wrong_coefficient_is_seen():
+    """The comparison can fail: one fixed-point weight off by one in 2^22 changes bytes."""
+    import pipeline.embed.resize as resize
+
+    original = resize.coefficients
+    resize.coefficients.cache_clear()
+
+    def off_by_one(*args):
+        xmin, fixed = original.__wrapped__(*args)
+        return xmin, fixed + (np.arange(fixed.shape[1]) == 0) * 2**12
+
+    resize.coefficients = off_by_one
+    try:
+        assert sum(differing_bytes([generated(640, 480, 1)])) > 0
+    finally:
+        resize.coefficients = original
+
+
+def test_the_pass_order_is_seen():
+    """The comparison can fail on the order of the passes too: horizontal first for a tall image that shrinks
+    is not Pillow's."""
+    import pipeline.embed.resize as resize
+
+    original = resize.vertical_first
+    resize.vertical_first = lambda *args: False
+    try:
+        assert differing_bytes([generated(230, 461, 1)]) != [0]
+    finally:
+        resize.vertical_first = original
+
+
+def device_operations(n: int) -> int:
+    """Operators the profiler records for one batch of n images, views and shape queries left out (they launch
+    no work on a device)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    images = [as_tensor(generated(40 + i % 7, 30 + i % 5, i)) for i in range(n)]
+    metadata_only = ("view", "reshape", "_reshape_alias", "flatten", "as_strided", "alias", "expand", "unsqueeze",
+                     "select", "slice", "narrow", "t", "transpose", "permute", "detach", "lift_fresh", "_unsafe_view",
+                     "resolve_conj", "resolve_neg")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        resize_center_crop_batch(images, SIZE)
+    return sum(e.count for e in prof.key_averages()
+               if e.key.startswith("aten::") and e.key[len("aten::"):] not in metadata_only)
+
+
+@pytest.mark.timeout(300)
+def test_device_operations_per_batch_do_not_grow_with_the_batch():
+    assert device_operations(16) == device_operations(512)
+
+
+def test_int32_sums_cannot_overflow():
+    """Pillow sums in int32: 2^21 + 255 * sum(|weights|) must stay below 2^31 for every scale, up and down."""
+    from pipeline.embed.resize import coefficients
+
+    worst = max(int(np.abs(coefficients(in_size, SIZE, 0, SIZE)[1]).sum(axis=1).max())
+                for in_size in (1, 2, 3, 7, 100, 223, 224, 225, 300, 1000, 4480, 20_000))
+    assert 2**21 + 255 * worst < 2**31, worst
