@@ -82,3 +82,31 @@ def test_device_path_pixels_equal_the_exact_path_on_cpu(photos):
     """Photos of the benchmark's kind, all through the batched device path: the exact path's bytes."""
     reference = np.stack([exact(p)[0] for p in photos])
     assert np.array_equal(device_pixels(DeviceDecoder(torch.device("cpu"), SIZE, MAX_PIXELS), photos), reference)
+
+
+def test_out_of_memory_and_cuda_errors_surface_as_themselves(monkeypatch):
+    """Only a decoder's refusal of an image takes the exact path; a device failure is not hidden behind it."""
+    decoder = DeviceDecoder(torch.device("cpu"), SIZE, MAX_PIXELS)
+    payloads = [ROUTES["baseline_rgb"][0]] * 2
+
+    def out_of_memory(batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(decoder, "_decode", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        decoder(payloads)
+
+    def cuda_error(batch):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(decoder, "_decode", cuda_error)
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        decoder(payloads)
+
+    def refused(batch):  # what a decoder says about an image it cannot take: the exact path decodes it
+        raise RuntimeError("Unsupported marker type 0xc2")
+
+    monkeypatch.setattr(decoder, "_decode", refused)
+    images, errors = decoder(payloads)
+    assert errors == [None, None] and decoder.on_cpu == 2
+    assert np.array_equal(images[0].permute(1, 2, 0).numpy(), exact(payloads[0])[0])

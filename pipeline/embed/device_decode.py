@@ -51,6 +51,15 @@ def device_decodable(payload: bytes | None, size: int, max_pixels: int) -> bool:
     return max(new_w, new_h) <= MAX_EXACT_ASPECT * size
 
 
+def surface_device_failure(exc: Exception) -> None:
+    """Only a decoder's refusal of an image falls back to the exact path: out of memory and other CUDA errors
+    are the device's, and surface as themselves (hiding them would move a whole run onto the CPU path)."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError) or "CUDA error" in str(exc) or "CUDA out of memory" in str(exc):
+        raise exc
+
+
 class DeviceDecoder:
     """Bytes of a batch's images in; N x 3 x size x size uint8 on the device and an error (or None) per image out."""
 
@@ -100,12 +109,14 @@ class DeviceDecoder:
             return []
         try:
             return self._decode(payloads)
-        except Exception:  # noqa: BLE001 - a batched decode fails whole on one bad image: find it
+        except Exception as exc:  # noqa: BLE001 - a batched decode fails whole on one bad image: find it
+            surface_device_failure(exc)
             decoded = []
             for payload in payloads:
                 try:
                     decoded.append(self._decode([payload])[0])
-                except Exception:  # noqa: BLE001 - the exact CPU path decides what is wrong with it
+                except Exception as exc:  # noqa: BLE001 - the exact CPU path decides what is wrong with it
+                    surface_device_failure(exc)
                     decoded.append(None)
             return decoded
 

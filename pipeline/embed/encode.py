@@ -165,9 +165,13 @@ class Encoder:
 
     def embed(self, images, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """float32 (image embeddings, text embeddings, similarity) for images (see embed_images) and token ids."""
+        import torch
+
         image_features, text_features = self.embed_images(images), self.embed_texts(input_ids)
-        similarity = (image_features * text_features).sum(dim=-1)  # cosine, in float32
-        return image_features.cpu().numpy(), text_features.cpu().numpy(), similarity.cpu().numpy()
+        similarity = (image_features * text_features).sum(dim=-1)  # cosine, in float32, on the device
+        # one packed copy to the host for the three of them
+        packed = torch.cat([image_features, text_features, similarity[:, None]], dim=1).cpu().numpy()
+        return packed[:, :EMBEDDING_DIM], packed[:, EMBEDDING_DIM:-1], packed[:, -1]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         with self._stream():
