@@ -110,3 +110,44 @@ def test_out_of_memory_and_cuda_errors_surface_as_themselves(monkeypatch):
     images, errors = decoder(payloads)
     assert errors == [None, None] and decoder.on_cpu == 2
     assert np.array_equal(images[0].permute(1, 2, 0).numpy(), exact(payloads[0])[0])
+
+
+def test_images_the_device_cannot_take_are_decoded_by_the_read_tasks_never_by_the_actor(tiny_models, tmp_path):
+    """decode_on=encoder: the read tasks ship JPEG bytes for the device and decoded pixels (or the error) for
+    every other image; the actor decodes none on its CPU, and its rows equal decode_on=tasks byte for byte."""
+    import pyarrow as pa
+
+    from conftest import job_config
+    from pipeline.embed.demo import write_tar_shard
+    from pipeline.embed.encode import Encoder
+    from pipeline.embed.preprocess import preprocess, resolve_tokenizer
+    from pipeline.embed.read import read_shards
+
+    cases = ["baseline_rgb", "grayscale", "progressive", "cmyk", "exif_rotated", "png", "truncated", "empty"]
+    members = []
+    for i, name in enumerate(cases):
+        ext = "png" if name == "png" else "jpg"
+        members += [(f"k{i}.{ext}", ROUTES[name][0]), (f"k{i}.txt", "一张图片".encode())]
+    write_tar_shard(tmp_path / "s.tar", members)
+    rows = {}
+    for decode_on in ("tasks", "encoder"):
+        cfg = job_config(tiny_models, str(tmp_path / "s.tar"), str(tmp_path / decode_on), f"read.decode_on={decode_on}",
+                         "encoder.batch_size=16")
+        raw = pa.concat_tables(list(read_shards(pa.table({"shard": [str(tmp_path / "s.tar")]}), cfg)))
+        prepared = preprocess(raw, cfg, resolve_tokenizer(cfg, random_weights=False))
+        encoder = Encoder(cfg)
+        rows[decode_on] = encoder(prepared).filter(pa.compute.greater_equal(prepared.column("position"), 0))
+        if decode_on == "encoder":
+            samples = prepared.filter(pa.compute.greater_equal(prepared.column("position"), 0))
+            shipped = dict(zip(cases, zip(samples.column("device_ok").to_pylist(),
+                                          samples.column("pixels").is_valid().to_pylist(),
+                                          samples.column("error").to_pylist())))
+            assert shipped["baseline_rgb"] == shipped["grayscale"] == (True, False, None)  # bytes for the device
+            for name in ("progressive", "cmyk", "exif_rotated", "png"):
+                assert shipped[name] == (False, True, None), name  # decoded by the read task
+            assert shipped["truncated"][2].startswith("image_decode_failed") and shipped["empty"][2].startswith(
+                "image_empty")
+            assert encoder.decoder.on_device == 2 and encoder.decoder.from_tasks == 4 and encoder.decoder.on_cpu == 0
+    exact, device = rows["tasks"], rows["encoder"]
+    for column in ("key", "status", "error", "image_embedding", "text_embedding", "similarity"):
+        assert device.column(column).equals(exact.column(column)), column

@@ -1,13 +1,13 @@
 """Decode and resize images on the encoder's own device (read.decode_on=encoder): batched nvJPEG on a GPU.
 
-The read tasks ship each image's bytes. In the encoder actor, the JPEGs that a device decoder sees exactly as
-PIL does (a complete baseline JPEG, RGB or grey, upright, within the pixel cap and the exact aspect range) are
+The read tasks ship the bytes of each JPEG that a device decoder sees exactly as PIL does (a complete baseline
+JPEG, RGB or grey, upright, within the pixel cap and the exact aspect range); in the encoder actor they are
 decoded in one batch on the device, then resized shortest edge to 224 and center-cropped for the whole batch
 at once with PIL's own bicubic arithmetic (resize.py): the same bytes as the exact path for the same decoded
-pixels. Every other image (PNG, WebP,
-GIF, progressive or CMYK JPEG, EXIF-rotated, truncated, garbage) takes the exact CPU path
-(image.decode_image) one by one, so a bad image becomes the same error row, with the same reason, as with
-read.decode_on=tasks.
+pixels. Every other image (PNG, WebP, GIF, progressive or CMYK JPEG, EXIF-rotated, truncated, garbage) is
+decoded by the exact path (image.decode_image) in the read tasks, which ship its pixels, or its error row
+with the same reason as read.decode_on=tasks; the actor copies those pixels to the device as one block. The
+actor decodes on its CPU only what the device decoder refused, or when its caller decoded nothing before.
 
 Decoders: torchvision.io.decode_jpeg on CUDA (batched nvJPEG; torchvision is in most CUDA images and uses
 torch's own CUDA context and caching allocator, where nvImageCodec would be one more CUDA library to match to
@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from pipeline.embed.image import MAX_EXACT_ASPECT, SampleError, decode_image, resize_geometry
@@ -74,11 +75,14 @@ class DeviceDecoder:
             self.backend = "nvjpeg"
         else:
             self.backend = "pil"  # stands in for nvJPEG where there is no GPU: CI and CPU-only nodes
-        self.on_device = self.on_cpu = 0  # images decoded each way, for the benchmark's report
+        # images decoded on the device, decoded by the read tasks (pixels given), decoded here on the CPU
+        self.on_device = self.from_tasks = self.on_cpu = 0
 
-    def __call__(self, payloads: list[bytes], eligible: list[bool] | None = None):
+    def __call__(self, payloads: list[bytes | None], eligible: list[bool] | None = None, pixels=None):
         """`eligible`: device_decodable for each image where the caller has it already (the job's read tasks
-        check the headers, off the encoder's cores)."""
+        check the headers, off the encoder's cores). `pixels`: an Arrow array of size x size x 3 uint8 bytes (or
+        null) per image, the images the read tasks decoded by the exact path: copied to the device as one
+        block, never decoded here."""
         import torch
 
         if eligible is None:
@@ -90,16 +94,26 @@ class DeviceDecoder:
         if decoded:  # one batched resize for all of them
             images[[i for i, _ in decoded]] = resize_center_crop_batch([image for _, image in decoded], self.size)
         done = {i for i, _ in decoded}
+        if isinstance(pixels, pa.ChunkedArray):
+            pixels = pixels.combine_chunks()
+        ready = []
+        if pixels is not None and pixels.null_count < len(pixels):
+            ready = [i for i, valid in enumerate(pixels.is_valid().to_pylist()) if valid and i not in done]
+            block = np.frombuffer(pixels.take(ready).buffers()[1], np.uint8)  # one copy for all of them
+            block = block[: len(ready) * self.size * self.size * 3].reshape(len(ready), self.size, self.size, 3)
+            images[ready] = torch.from_numpy(block.copy()).to(self.device).permute(0, 3, 1, 2)
+            done |= set(ready)
         errors: list[str | None] = [None] * len(payloads)
         exact = [i for i in range(len(payloads)) if i not in done]
-        for i in exact:
+        for i in exact:  # a decoder's refusal, or a caller that decoded nothing beforehand
             try:
-                pixels = decode_image(payloads[i], self.size, self.max_pixels)
+                exact_pixels = decode_image(payloads[i], self.size, self.max_pixels)
             except SampleError as exc:
                 errors[i] = str(exc)
                 continue
-            images[i] = torch.tensor(pixels).permute(2, 0, 1).to(self.device)
-        self.on_device += len(payloads) - len(exact)
+            images[i] = torch.tensor(exact_pixels).permute(2, 0, 1).to(self.device)
+        self.on_device += len(decoded)
+        self.from_tasks += len(ready)
         self.on_cpu += len(exact)
         return images, errors
 

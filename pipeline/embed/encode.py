@@ -194,7 +194,8 @@ class Encoder:
             if self.decoder is not None:
                 rows = pa.array(todo)
                 images, decode_errors = self.decoder(batch.column("image").take(rows).to_pylist(),
-                                                     batch.column("device_ok").take(rows).to_pylist())
+                                                     batch.column("device_ok").take(rows).to_pylist(),
+                                                     batch.column("pixels").take(rows))
                 for i, error in zip(todo, decode_errors):
                     errors[i] = error
                 decoded = np.flatnonzero([e is None for e in decode_errors])
