@@ -151,3 +151,19 @@ def test_images_the_device_cannot_take_are_decoded_by_the_read_tasks_never_by_th
     exact, device = rows["tasks"], rows["encoder"]
     for column in ("key", "status", "error", "image_embedding", "text_embedding", "similarity"):
         assert device.column(column).equals(exact.column(column)), column
+
+
+def test_image_bytes_reach_the_decoder_as_views_of_the_arrow_buffer():
+    """The batch's image column is read in place: each image a view into the column's one data buffer, not a
+    Python bytes object per image (the encoder's host thread is the GPU path's bottleneck)."""
+    import pyarrow as pa
+
+    from pipeline.embed.device_decode import byte_views
+
+    column = pa.chunked_array([pa.array([b"jpeg-one", None, b"", b"three"]).slice(0, 4)])
+    views = byte_views(column.take(pa.array([0, 1, 2, 3])))
+    assert [None if v is None else v.numpy().tobytes() for v in views] == [b"jpeg-one", None, b"", b"three"]
+    array = column.combine_chunks()
+    in_place = byte_views(array)
+    data = array.buffers()[2]
+    assert in_place[0].data_ptr() == data.address and in_place[3].data_ptr() == data.address + len(b"jpeg-one")

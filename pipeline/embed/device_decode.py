@@ -52,6 +52,32 @@ def device_decodable(payload: bytes | None, size: int, max_pixels: int) -> bool:
     return max(new_w, new_h) <= MAX_EXACT_ASPECT * size
 
 
+def byte_views(payloads) -> list:
+    """Each image's bytes as a 1-D uint8 tensor (None for a null): for a binary Arrow array, views of its one
+    data buffer (no copy per image); for a list of bytes, one copy each."""
+    import warnings
+
+    import torch
+
+    if isinstance(payloads, pa.ChunkedArray):
+        payloads = payloads.combine_chunks()
+    if not isinstance(payloads, pa.Array):
+        return [None if p is None else torch.frombuffer(bytearray(p), dtype=torch.uint8) if p else
+                torch.zeros(0, dtype=torch.uint8) for p in payloads]
+    offsets = np.frombuffer(payloads.buffers()[1], np.int32)[payloads.offset : payloads.offset + len(payloads) + 1]
+    data = payloads.buffers()[2]
+    with warnings.catch_warnings():  # read only: torch warns that Arrow's buffer is not writable
+        warnings.simplefilter("ignore")
+        flat = (torch.frombuffer(data, dtype=torch.uint8) if data is not None and data.size
+                else torch.zeros(0, dtype=torch.uint8))
+    valid = payloads.is_valid().to_pylist()
+    return [flat[offsets[i] : offsets[i + 1]] if valid[i] else None for i in range(len(payloads))]
+
+
+def as_bytes(payload) -> bytes | None:
+    return None if payload is None else payload.numpy().tobytes()
+
+
 def surface_device_failure(exc: Exception) -> None:
     """Only a decoder's refusal of an image falls back to the exact path: out of memory and other CUDA errors
     are the device's, and surface as themselves (hiding them would move a whole run onto the CPU path)."""
@@ -78,15 +104,17 @@ class DeviceDecoder:
         # images decoded on the device, decoded by the read tasks (pixels given), decoded here on the CPU
         self.on_device = self.from_tasks = self.on_cpu = 0
 
-    def __call__(self, payloads: list[bytes | None], eligible: list[bool] | None = None, pixels=None):
-        """`eligible`: device_decodable for each image where the caller has it already (the job's read tasks
-        check the headers, off the encoder's cores). `pixels`: an Arrow array of size x size x 3 uint8 bytes (or
-        null) per image, the images the read tasks decoded by the exact path: copied to the device as one
-        block, never decoded here."""
+    def __call__(self, payloads, eligible: list[bool] | None = None, pixels=None):
+        """`payloads`: the images' bytes, a list or a binary Arrow array (its buffer is then read in place: no
+        copy per image). `eligible`: device_decodable for each image where the caller has it already (the
+        job's read tasks check the headers, off the encoder's cores). `pixels`: an Arrow array of size x size x 3
+        uint8 bytes (or null) per image, the images the read tasks decoded by the exact path: copied to the
+        device as one block, never decoded here."""
         import torch
 
+        payloads = byte_views(payloads)
         if eligible is None:
-            eligible = [device_decodable(p, self.size, self.max_pixels) for p in payloads]
+            eligible = [device_decodable(as_bytes(p), self.size, self.max_pixels) for p in payloads]
         chosen = [i for i, ok in enumerate(eligible) if ok]
         decoded = [(i, image) for i, image in zip(chosen, self.decode_jpegs([payloads[i] for i in chosen]))
                    if image is not None]
@@ -107,7 +135,7 @@ class DeviceDecoder:
         exact = [i for i in range(len(payloads)) if i not in done]
         for i in exact:  # a decoder's refusal, or a caller that decoded nothing beforehand
             try:
-                exact_pixels = decode_image(payloads[i], self.size, self.max_pixels)
+                exact_pixels = decode_image(as_bytes(payloads[i]), self.size, self.max_pixels)
             except SampleError as exc:
                 errors[i] = str(exc)
                 continue
@@ -117,7 +145,7 @@ class DeviceDecoder:
         self.on_cpu += len(exact)
         return images, errors
 
-    def decode_jpegs(self, payloads: list[bytes]) -> list:
+    def decode_jpegs(self, payloads: list) -> list:
         """3 x H x W uint8 tensors on the device; None where the decoder refused an image."""
         if not payloads:
             return []
@@ -134,14 +162,14 @@ class DeviceDecoder:
                     decoded.append(None)
             return decoded
 
-    def _decode(self, payloads: list[bytes]) -> list:
+    def _decode(self, payloads: list) -> list:
         import torch
 
         if self.backend == "nvjpeg":
             from torchvision.io import ImageReadMode, decode_jpeg
 
-            # thread-safe on CUDA (torchvision's docs), so two batches in flight decode side by side
-            data = [torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in payloads]
-            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
-        return [torch.from_numpy(np.array(Image.open(io.BytesIO(p)).convert("RGB"))).permute(2, 0, 1)
+            # thread-safe on CUDA (torchvision's docs), so two batches in flight decode side by side; the
+            # payloads are 1-D uint8 views of the batch's Arrow buffer
+            return list(decode_jpeg(payloads, mode=ImageReadMode.RGB, device=self.device))
+        return [torch.from_numpy(np.array(Image.open(io.BytesIO(as_bytes(p))).convert("RGB"))).permute(2, 0, 1)
                 for p in payloads]

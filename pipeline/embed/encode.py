@@ -193,7 +193,7 @@ class Encoder:
             input_ids = ids_col.flatten().to_numpy().reshape(n, -1)
             if self.decoder is not None:
                 rows = pa.array(todo)
-                images, decode_errors = self.decoder(batch.column("image").take(rows).to_pylist(),
+                images, decode_errors = self.decoder(batch.column("image").take(rows),
                                                      batch.column("device_ok").take(rows).to_pylist(),
                                                      batch.column("pixels").take(rows))
                 for i, error in zip(todo, decode_errors):
