@@ -97,9 +97,11 @@ def test_job_completes_when_a_worker_node_is_lost(cluster, tiny_models, tmp_path
     pairs = pairs_by_node(result)
     assert sum(pairs.values()) == len(ALL_KEYS)
     assert set(pairs) <= {workers[0].node_id, lost.node_id, replacement.node_id}, pairs
-    # what the lost node had not delivered, its batch in flight included, was embedded by the node that stayed
-    # and by the replacement, whose new encoder took part
-    assert pairs.get(lost.node_id, 0) < len(ALL_KEYS) and pairs.get(replacement.node_id, 0) > 0, pairs
+    # the batch in flight on the lost node never reached the driver from it, yet every key is there once:
+    # what the lost node had not delivered (that batch included) was embedded by the node that stayed or by
+    # the replacement (which of the two depends on timing)
+    elsewhere = pairs.get(workers[0].node_id, 0) + pairs.get(replacement.node_id, 0)
+    assert elsewhere >= cfg.encoder.batch_size and pairs.get(lost.node_id, 0) < len(ALL_KEYS), pairs
 
 
 @pytest.fixture
