@@ -1,7 +1,7 @@
 """Chaos run: the embed job while its own processes are killed at random, then its driver killed and rerun.
 
     python jobs/chaos.py                                   # the published run (BENCHMARKS.md, "Chaos")
-    python jobs/chaos.py --shards 12 --kills 5 --node-losses 1 --driver-kills 2     # a short one
+    python jobs/chaos.py --shards 40 --kills 5 --node-losses 1 --driver-kills 2     # a short one
 
 Worker phase: a multi-node Ray cluster on this machine (ray.cluster_utils.Cluster); read, encoder, write and
 commit processes SIGKILLed at random moments and whole worker nodes removed (and added back) while the job
@@ -25,8 +25,9 @@ from pipeline.logs import drop_false_alarms  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", type=int, default=160)
-    parser.add_argument("--per-shard", type=int, default=24)
+    parser.add_argument("--shards", type=int, default=160, help="generated shards: enough work for every kill to "
+                        "land while the job runs (the kills stop when made; a job that ends first fails the run)")
+    parser.add_argument("--per-shard", type=int, default=24, help="samples per shard")
     parser.add_argument("--kills", type=int, default=50, help="worker and actor kills in the worker phase")
     parser.add_argument("--node-losses", type=int, default=5, help="worker nodes lost in the worker phase")
     parser.add_argument("--driver-kills", type=int, default=10, help="driver kills in the driver phase")
