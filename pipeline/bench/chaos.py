@@ -254,8 +254,8 @@ def driver_phase(folder: Path, expected: dict[str, str], models: tuple[Path, Pat
     job = start_job(config, log, None)
     baseline_s = time.monotonic() - started if job.wait(timeout=timeout_s) == 0 else None
     report["baseline_wall_s"] = baseline_s and round(baseline_s, 1)
-    if baseline_s is None:
-        report["completed_runs"].append({"exit_code": job.returncode})
+    if baseline_s is None:  # the job fails undisturbed: nothing to kill, the report says how it ended
+        report.update(exit_code=job.returncode, check=check_output(out, expected), log=str(log))
         return report
     shutil.rmtree(out)
 
