@@ -61,7 +61,7 @@ def test_benchmark_photos_equal_pil_byte_for_byte_in_small_chunks():
     import io
 
     images = [Image.open(io.BytesIO(p)) for p in benchmark_photos(24, seed=2)]
-    assert differing_bytes(images, budget=2_000_000) == [0] * len(images)
+    assert differing_bytes(images, budget=10_000_000) == [0] * len(images)  # chunks of 1 to 6 images
 
 
 def test_a_wrong_coefficient_is_seen():

@@ -34,6 +34,11 @@ def bicubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, inner, np.where(x < 2.0, outer, 0.0))
 
 
+def window(in_size: int, out_size: int) -> int:
+    """Pillow's ksize: the most input pixels one output pixel of an in_size -> out_size resize reads."""
+    return int(np.ceil(SUPPORT * max(in_size / out_size, 1.0))) * 2 + 1
+
+
 @functools.lru_cache(maxsize=4096)  # a dataset has few distinct image sizes
 def coefficients(in_size: int, out_size: int, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     """Pillow's precompute_coeffs + normalize_coeffs_8bpc for output pixels first..first+count-1 of an
@@ -41,7 +46,7 @@ def coefficients(in_size: int, out_size: int, first: int, count: int) -> tuple[n
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = SUPPORT * filterscale
-    taps = int(np.ceil(support)) * 2 + 1
+    taps = window(in_size, out_size)
     out = np.arange(first, first + count, dtype=np.float64)
     center = (out + 0.5) * scale
     ss = 1.0 / filterscale
@@ -82,26 +87,39 @@ def resize_center_crop_batch(images: list, size: int, budget: int = 1 << 27):
     bicubic, then the center crop, byte for byte as image.resize_center_crop on the same pixels. Aspect
     ratios beyond image.MAX_EXACT_ASPECT are the caller's to refuse (the exact path resizes a box there).
 
-    The images go in chunks whose horizontal pass holds at most `budget` int32 taps (512 MiB by default),
-    largest first, so that a batch of very large images cannot run the device out of memory."""
+    The images go in chunks whose padded batch and horizontal-pass taps (the chunk's tallest image x its
+    widest input, or x size x its widest window) hold at most `budget` int32 values (512 MiB by default),
+    largest first, so that a batch of very large images cannot run the device out of memory (an image larger
+    than that alone still goes, alone)."""
     import torch
 
     device = images[0].device if images else "cpu"
     out = torch.zeros((len(images), 3, size, size), dtype=torch.uint8, device=device)
-    cost = [3 * int(i.shape[1]) * size * taps_for(int(i.shape[1]), int(i.shape[2]), size) for i in images]
-    order = sorted(range(len(images)), key=lambda i: -cost[i])
+    seen = [oriented(int(i.shape[1]), int(i.shape[2]), size) for i in images]
+    order = sorted(range(len(images)), key=lambda i: -chunk_cost([seen[i]], size))
     while order:
-        chunk = [order.pop(0)]  # the largest left: the others in the chunk are padded to its size at most
-        while order and (len(chunk) + 1) * cost[chunk[0]] <= budget:
+        chunk = [order.pop(0)]
+        while order and chunk_cost([seen[i] for i in chunk + order[:1]], size) <= budget:
             chunk.append(order.pop(0))
-        out[chunk] = resize_chunk([images[i] for i in chunk], size)
+        out[chunk] = resize_chunk([images[i] for i in chunk], [seen[i] for i in chunk], size)
     return out
 
 
-def taps_for(height: int, width: int, size: int) -> int:
-    """The widest window of either pass (Pillow's ksize) for a height x width image."""
-    new_w, new_h, _, _ = resize_geometry(width, height, size)
-    return max(int(np.ceil(SUPPORT * max(i / o, 1.0))) * 2 + 1 for i, o in ((width, new_w), (height, new_h)))
+def chunk_cost(seen: list[tuple], size: int) -> int:
+    """int32 values in resize_chunk's padded batch or horizontal-pass taps, the larger, for images read as
+    `seen` (see oriented): the chunk is padded to its tallest and widest image and its widest window."""
+    rows = max(v[0] for v in seen)
+    columns = max(max(v[1] for v in seen), size * max(window(v[1], v[2]) for v in seen))
+    return len(seen) * 3 * rows * columns
+
+
+def oriented(height: int, width: int, size: int) -> tuple[int, int, int, int, int, int, bool]:
+    """A height x width image as the horizontal-first passes read it: (height, width, new width, new height,
+    crop top, crop left, transposed); transposed where Pillow runs the vertical pass first."""
+    new_w, new_h, top, left = resize_geometry(width, height, size)
+    if vertical_first(width, height, new_h):
+        return width, height, new_h, new_w, left, top, True
+    return height, width, new_w, new_h, top, left, False
 
 
 def vertical_first(width: int, height: int, new_height: int) -> bool:
@@ -111,20 +129,16 @@ def vertical_first(width: int, height: int, new_height: int) -> bool:
     return height > 2 * width and new_height < height
 
 
-def resize_chunk(images: list, size: int):
-    """One batch of the resize. An image whose passes Pillow runs vertical first is read transposed (by the
-    same gather), resized horizontal first, and its crop transposed back: the same arithmetic in that order."""
+def resize_chunk(images: list, seen: list[tuple], size: int):
+    """One batch of the resize, each image read as oriented() says. An image whose passes Pillow runs vertical
+    first is read transposed (by the same gather), resized horizontal first, and its crop transposed back: the
+    same arithmetic in that order."""
     import torch
 
     device = images[0].device
     n = len(images)
     shapes = [(int(i.shape[1]), int(i.shape[2])) for i in images]
-    geometry = [resize_geometry(w, h, size) for h, w in shapes]
-    flip = [vertical_first(w, h, g[1]) for (h, w), g in zip(shapes, geometry)]
-    # the image as the horizontal-first passes read it: (height, width, new width, new height, top, left)
-    seen = [(w, h, g[1], g[0], g[3], g[2]) if t else (h, w, g[0], g[1], g[2], g[3])
-            for (h, w), g, t in zip(shapes, geometry, flip)]
-    heights, widths = [v[0] for v in seen], [v[1] for v in seen]
+    heights, widths, flip = [v[0] for v in seen], [v[1] for v in seen], [v[6] for v in seen]
     max_h, max_w = max(heights), max(widths)
 
     # one packed buffer and one gather into the padded batch (padding reads the zero appended at the end)
