@@ -55,8 +55,6 @@ def device_decodable(payload: bytes | None, size: int, max_pixels: int) -> bool:
 def byte_views(payloads) -> list:
     """Each image's bytes as a 1-D uint8 tensor (None for a null): for a binary Arrow array, views of its one
     data buffer (no copy per image); for a list of bytes, one copy each."""
-    import warnings
-
     import torch
 
     if isinstance(payloads, pa.ChunkedArray):
@@ -65,13 +63,23 @@ def byte_views(payloads) -> list:
         return [None if p is None else torch.frombuffer(bytearray(p), dtype=torch.uint8) if p else
                 torch.zeros(0, dtype=torch.uint8) for p in payloads]
     offsets = np.frombuffer(payloads.buffers()[1], np.int32)[payloads.offset : payloads.offset + len(payloads) + 1]
-    data = payloads.buffers()[2]
-    with warnings.catch_warnings():  # read only: torch warns that Arrow's buffer is not writable
-        warnings.simplefilter("ignore")
-        flat = (torch.frombuffer(data, dtype=torch.uint8) if data is not None and data.size
-                else torch.zeros(0, dtype=torch.uint8))
+    flat = read_only_tensor(payloads.buffers()[2])
     valid = payloads.is_valid().to_pylist()
     return [flat[offsets[i] : offsets[i + 1]] if valid[i] else None for i in range(len(payloads))]
+
+
+def read_only_tensor(buffer):
+    """A 1-D uint8 tensor viewing an Arrow buffer in place (empty for none). Nothing writes to it: torch's
+    warning that the buffer is not writable is silenced here."""
+    import warnings
+
+    import torch
+
+    if buffer is None or not buffer.size:
+        return torch.zeros(0, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.frombuffer(buffer, dtype=torch.uint8)
 
 
 def as_bytes(payload) -> bytes | None:
@@ -127,9 +135,9 @@ class DeviceDecoder:
         ready = []
         if pixels is not None and pixels.null_count < len(pixels):
             ready = [i for i, valid in enumerate(pixels.is_valid().to_pylist()) if valid and i not in done]
-            block = np.frombuffer(pixels.take(ready).buffers()[1], np.uint8)  # one copy for all of them
-            block = block[: len(ready) * self.size * self.size * 3].reshape(len(ready), self.size, self.size, 3)
-            images[ready] = torch.from_numpy(block.copy()).to(self.device).permute(0, 3, 1, 2)
+            block = read_only_tensor(pixels.take(ready).buffers()[1])  # one host copy (the take) for all of them
+            block = block[: len(ready) * self.size * self.size * 3].view(len(ready), self.size, self.size, 3)
+            images[ready] = block.to(self.device).permute(0, 3, 1, 2)
             done |= set(ready)
         errors: list[str | None] = [None] * len(payloads)
         exact = [i for i in range(len(payloads)) if i not in done]

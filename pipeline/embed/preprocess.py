@@ -121,16 +121,13 @@ def preprocess(batch: pa.Table, cfg: JobCfg, tokenizer: tuple[str, str | None]) 
                 error = error or "missing_image: no image member (.jpg/.jpeg/.png/.webp)"
             elif error is None and not on_tasks and device_decodable(row["image"], size, cfg.read.max_image_pixels):
                 image = row["image"]  # decoded on the encoder's device (device_decode.py)
-            elif error is None and not on_tasks:
+            elif error is None:  # the exact path, here: the pixels column of either placement
                 try:
                     decoded = decode_image(row["image"], size, cfg.read.max_image_pixels).tobytes()
                 except SampleError as exc:
                     error = str(exc)
-            elif error is None:
-                try:
-                    image = decode_image(row["image"], size, cfg.read.max_image_pixels).tobytes()
-                except SampleError as exc:
-                    error = str(exc)
+                if on_tasks and decoded is not None:
+                    image = decoded
         captions.append(caption)
         images.append(image)
         pixels.append(decoded)
