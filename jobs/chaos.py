@@ -8,7 +8,8 @@ commit processes SIGKILLed at random moments and whole worker nodes removed (and
 runs; it must end with exit 0 without a rerun. Driver phase: on a local Ray, the driver SIGKILLed at random
 moments, each time rerun, until a run ends with exit 0. Both outputs are checked key by key: 0 lost, 0 written
 twice, 0 clean samples written as errors. Tiny random towers of the real layouts: the run tests the plumbing,
-the towers' size only changes how long a batch takes. Exit 0 when every check holds and every kill was made.
+the towers' size only changes how long a batch takes. Exit 0 when every check holds and every kill was made
+(every stage killed at least once).
 """
 
 import argparse

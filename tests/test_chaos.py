@@ -1,5 +1,6 @@
 """The chaos run, short (jobs/chaos.py publishes the long one): the job's own read, encoder, write and commit
-processes SIGKILLed at random moments and a worker node lost during one run on a multi-node cluster."""
+processes SIGKILLed at random moments (each stage at least once) and a worker node lost during one run on a
+multi-node cluster."""
 
 from pipeline.bench.chaos import STAGES, make_chaos_shards, worker_phase
 

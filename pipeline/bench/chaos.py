@@ -178,8 +178,8 @@ def lose_node(cluster, nodes: list, rng: random.Random) -> int:
 def worker_phase(folder: Path, expected: dict[str, str], models: tuple[Path, Path], kills: int, node_losses: int,
                  seed: int, baseline: bool = True, gpu_nodes: int = 2, interval_s: tuple[float, float] = (0.2, 1.0),
                  timeout_s: float = 1800) -> dict:
-    """The job on a multi-node cluster, its stages' processes killed `kills` times and worker nodes lost
-    `node_losses` times while it runs. With `baseline`, the same job runs first without chaos, for the extra
+    """The job on a multi-node cluster, its stages' processes killed `kills` times (and more, until every stage
+    has been killed at least once) and worker nodes lost `node_losses` times while it runs. With `baseline`, the same job runs first without chaos, for the extra
     wall time."""
     from ray.cluster_utils import Cluster
 
@@ -206,8 +206,9 @@ def worker_phase(folder: Path, expected: dict[str, str], models: tuple[Path, Pat
         while job.poll() is None and time.monotonic() - started < timeout_s:
             time.sleep(rng.uniform(*interval_s))
             done = sum(report["kills"].values())
-            if done >= kills and report["node_losses"] >= node_losses:
-                continue  # every kill made: let the job finish
+            missing = [stage for stage in sorted(STAGES) if not report["kills"][stage]]
+            if done >= kills and report["node_losses"] >= node_losses and not missing:
+                continue  # every kill made, every stage killed at least once: let the job finish
             # node losses spread over the run: one after each (kills / node_losses) kills
             lost = report["node_losses"]
             if lost < node_losses and done >= (lost + 1) * kills // (node_losses + 1):
@@ -217,7 +218,8 @@ def worker_phase(folder: Path, expected: dict[str, str], models: tuple[Path, Pat
                 continue
             if not order:  # the stages in turn, each round in a random order
                 order = rng.sample(sorted(STAGES), len(STAGES))
-            stage = order.pop()
+            # past the count, only the stages not killed yet (one that was idle at each of its turns)
+            stage = order.pop() if done < kills else rng.choice(missing)
             if kill_one([raylet(n) for n in [cluster.head_node, *nodes]], stage, rng):
                 report["kills"][stage] += 1
             else:
@@ -291,7 +293,7 @@ def passed(report: dict, kills: int, node_losses: int) -> bool:
     ok = True
     if worker is not None:
         ok &= (worker["exit_code"] == 0 and clean(worker["check"]) and worker["worker_and_actor_kills"] >= kills
-               and worker["node_losses"] >= node_losses)
+               and set(worker["kills"]) == set(STAGES) and worker["node_losses"] >= node_losses)
     if driver is not None:
         ok &= (driver["exit_code"] == 0 and clean(driver["check"]) and driver["kills"] >= report["driver_kills_asked"]
                and all(r["exit_code"] == 0 and clean(r["check"]) for r in driver["completed_runs"]))
