@@ -59,6 +59,9 @@ class ReadCfg:
     # (nvJPEG + PIL's own bicubic resize, batched, on a GPU: only the JPEG decode differs from the exact path,
     # see README "Decode placement")
     decode_on: str = "tasks"
+    # decode_on=encoder: the most source pixels (width x height, summed over images) decoded on the device at
+    # once; a batch of larger images is decoded and resized in chunks under it (256M: ~0.8 GB of RGB)
+    device_decode_pixels: int = 256_000_000
     # node labels the read tasks are scheduled on (Ray label_selector), e.g. {node-kind: cpu} keeps the
     # decode work on CPU-only nodes; {} = any node with free CPUs
     node_labels: dict[str, str] = field(default_factory=dict)
@@ -285,7 +288,7 @@ def validate(cfg: JobCfg) -> None:
     positive = {
         "read.batch_size": cfg.read.batch_size, "read.attempts": cfg.read.attempts,
         "read.max_image_pixels": cfg.read.max_image_pixels, "read.image_size": cfg.read.image_size,
-        "encoder.batch_size": cfg.encoder.batch_size, "encoder.batches_in_flight": cfg.encoder.batches_in_flight,
+        "read.device_decode_pixels": cfg.read.device_decode_pixels, "encoder.batch_size": cfg.encoder.batch_size, "encoder.batches_in_flight": cfg.encoder.batches_in_flight,
         "encoder.torch_threads": cfg.encoder.torch_threads, "storage.max_attempts": cfg.storage.max_attempts,
         "storage.timeout_s": cfg.storage.timeout_s, "ray.progress_interval_s": cfg.ray.progress_interval_s,
     }

@@ -41,7 +41,7 @@ ROUTES = {
 @pytest.mark.parametrize("name", sorted(ROUTES))
 def test_only_jpegs_a_device_decoder_sees_as_pil_does_take_the_device_path(name):
     payload, on_device = ROUTES[name]
-    assert device_decodable(payload, SIZE, MAX_PIXELS) is on_device
+    assert bool(device_decodable(payload, SIZE, MAX_PIXELS)) is on_device
 
 
 def exact(payload: bytes):
@@ -82,6 +82,64 @@ def test_device_path_pixels_equal_the_exact_path_on_cpu(photos):
     """Photos of the benchmark's kind, all through the batched device path: the exact path's bytes."""
     reference = np.stack([exact(p)[0] for p in photos])
     assert np.array_equal(device_pixels(DeviceDecoder(torch.device("cpu"), SIZE, MAX_PIXELS), photos), reference)
+
+
+def corrupted_jpegs(count: int, seed: int) -> list[bytes]:
+    """Baseline JPEGs with a run of bytes overwritten or cut out after their first 20 bytes: headers, tables,
+    compressed data."""
+    rng = np.random.default_rng(seed)
+    corrupted = []
+    for i in range(count):
+        width, height = (int(v) for v in rng.integers(40, 400, 2))
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8) if i % 2 else np.tile(
+            np.linspace(0, 255, width, dtype=np.uint8)[None, :, None], (height, 1, 3))
+        payload = bytearray(encode_image(Image.fromarray(pixels), "JPEG", quality=int(rng.integers(60, 95)),
+                                         subsampling=int(rng.integers(0, 3))))
+        at, length = int(rng.integers(20, len(payload) - 100)), int(rng.integers(1, 100))
+        if i % 3 == 2:
+            del payload[at : at + length]
+        else:
+            payload[at : at + length] = rng.bytes(length)
+        corrupted.append(bytes(payload))
+    return corrupted
+
+
+def test_a_jpeg_corrupted_in_the_middle_gets_the_exact_paths_row_whatever_the_decoder_makes_of_it(monkeypatch):
+    """libjpeg (PIL) fails on some corrupted JPEGs where a GPU decoder may decode something. Here the device
+    decoder is one that never fails (returns an image for any bytes): every image the exact path fails on must
+    still get the exact path's error, so such images must never be handed to the device decoder."""
+    payloads = corrupted_jpegs(600, seed=5)
+    decoder = DeviceDecoder(torch.device("cpu"), SIZE, MAX_PIXELS)
+    monkeypatch.setattr(decoder, "_decode", lambda batch: [torch.full((3, 300, 400), 128, dtype=torch.uint8)
+                                                           for _ in batch])
+    _, errors = decoder(payloads)
+    reasons = [exact(p)[1] for p in payloads]
+    assert sum(r is not None for r in reasons) > 20  # the corpus has failures to route
+    assert errors == reasons
+    assert decoder.on_device > 400  # and most of the corpus still took the device path
+
+
+def test_a_batch_of_large_images_is_decoded_in_chunks_under_the_pixel_budget(monkeypatch):
+    """read.device_decode_pixels: no decode call holds more source pixels than the budget (an image over it
+    alone), and the chunks give the same bytes as one call."""
+    sizes = [(640, 480), (1200, 900), (300, 200), (2000, 1500), (800, 600), (640, 480), (100, 100), (1000, 1000)]
+    payloads = [encode_image(rgb_image(w, h, i), "JPEG") for i, (w, h) in enumerate(sizes)]
+    budget = 1_500_000
+    whole = DeviceDecoder(torch.device("cpu"), SIZE, MAX_PIXELS)
+    chunked = DeviceDecoder(torch.device("cpu"), SIZE, MAX_PIXELS, chunk_pixels=budget)
+    calls, decode = [], chunked._decode
+
+    def recorded(batch):
+        images = decode(batch)
+        calls.append(sum(image.shape[1] * image.shape[2] for image in images))
+        return images
+
+    monkeypatch.setattr(chunked, "_decode", recorded)
+    images, errors = chunked(payloads)
+    assert errors == [None] * len(sizes) and chunked.on_device == len(sizes)
+    assert all(pixels <= budget for pixels in calls if pixels != 2000 * 1500) and 2000 * 1500 in calls
+    assert len(calls) == 4 and sum(calls) == sum(w * h for w, h in sizes)
+    assert torch.equal(images, whole(payloads)[0]) and whole.decode_calls == 1
 
 
 def test_out_of_memory_and_cuda_errors_surface_as_themselves(monkeypatch):
@@ -139,7 +197,7 @@ def test_images_the_device_cannot_take_are_decoded_by_the_read_tasks_never_by_th
         rows[decode_on] = encoder(prepared).filter(pa.compute.greater_equal(prepared.column("position"), 0))
         if decode_on == "encoder":
             samples = prepared.filter(pa.compute.greater_equal(prepared.column("position"), 0))
-            shipped = dict(zip(cases, zip(samples.column("device_ok").to_pylist(),
+            shipped = dict(zip(cases, zip([area > 0 for area in samples.column("device_area").to_pylist()],
                                           samples.column("pixels").is_valid().to_pylist(),
                                           samples.column("error").to_pylist())))
             assert shipped["baseline_rgb"] == shipped["grayscale"] == (True, False, None)  # bytes for the device

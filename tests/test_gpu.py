@@ -38,3 +38,21 @@ def test_baseline_jpegs_are_decoded_by_nvjpeg_in_one_batch():
     # nvJPEG's IDCT and chroma upsampling differ from libjpeg's: close, not equal (BENCHMARKS.md, "GPU")
     cpu = DeviceDecoder(torch.device("cpu"), 224, 50_000_000)(payloads)[0]
     assert np.abs(images.cpu().numpy().astype(int) - cpu.numpy().astype(int)).mean() < 2
+
+
+def test_corrupted_jpegs_get_the_exact_paths_rows_through_nvjpeg():
+    from test_device_decode import corrupted_jpegs, exact
+
+    payloads = corrupted_jpegs(300, seed=9)
+    _, errors = DeviceDecoder(torch.device("cuda"), 224, 50_000_000)(payloads)
+    assert errors == [exact(p)[1] for p in payloads]
+
+
+def test_nvjpeg_chunks_under_the_pixel_budget_give_the_same_bytes():
+    payloads = [encode_image(generated(w, h, seed), "JPEG", quality=90)
+                for seed, (w, h) in enumerate([(1600, 1200), (640, 480), (2000, 1000), (300, 299), (1200, 1600)])]
+    whole = DeviceDecoder(torch.device("cuda"), 224, 50_000_000)
+    chunked = DeviceDecoder(torch.device("cuda"), 224, 50_000_000, chunk_pixels=2_500_000)
+    images = chunked(payloads)[0]
+    assert chunked.decode_calls == 3 and whole.decode_calls == 0  # [1600x1200, 640x480], [2000x1000, 300x299], [1200x1600]
+    assert torch.equal(images, whole(payloads)[0]) and whole.decode_calls == 1

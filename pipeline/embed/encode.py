@@ -108,7 +108,8 @@ class Encoder:
         if cfg.read.decode_on == "encoder":
             from pipeline.embed.device_decode import DeviceDecoder
 
-            self.decoder = DeviceDecoder(self.device, cfg.read.image_size, cfg.read.max_image_pixels)
+            self.decoder = DeviceDecoder(self.device, cfg.read.image_size, cfg.read.max_image_pixels,
+                                         cfg.read.device_decode_pixels)
         self._thread = threading.local()  # each batch in flight (encoder.batches_in_flight) has its own stream
         # "{node}:{actor}": tells this actor's batches apart in the driver's steady-state rate, and says in the run
         # summary which node embedded how many pairs
@@ -194,7 +195,7 @@ class Encoder:
             if self.decoder is not None:
                 rows = pa.array(todo)
                 images, decode_errors = self.decoder(batch.column("image").take(rows),
-                                                     batch.column("device_ok").take(rows).to_pylist(),
+                                                     batch.column("device_area").take(rows).to_pylist(),
                                                      batch.column("pixels").take(rows))
                 for i, error in zip(todo, decode_errors):
                     errors[i] = error
@@ -247,7 +248,7 @@ def embedded_table(batch: pa.Table, ok: np.ndarray, image_emb: np.ndarray, text_
     positions = batch.column("position").to_numpy()
     status = np.where(ok, STATUS_OK, STATUS_ERROR).astype(object)
     status[positions < 0] = None  # marker rows are not samples
-    inputs = [name for name in ("pixels", "image", "device_ok", "input_ids") if name in batch.column_names]
+    inputs = [name for name in ("pixels", "image", "device_area", "input_ids") if name in batch.column_names]
     return batch.drop_columns(inputs).append_column(
         "status", pa.array(status, pa.string())).append_column(
         "image_embedding", vectors(image_emb)).append_column(

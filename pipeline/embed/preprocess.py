@@ -24,10 +24,11 @@ def prepared_schema(image_size: int, decode_on: str = "tasks") -> pa.Schema:
     """Rows from the read tasks to the encoder: decoded pixels (decode_on=tasks) or the image's own bytes
     (decode_on=encoder, decoded on the encoder's device)."""
     images = ([("pixels", pa.binary(image_size * image_size * 3))] if decode_on == "tasks"  # HxWx3 uint8
-              # image: the bytes of a JPEG the device decodes as PIL does (device_ok, checked here to spare the
-              # encoder's cores); pixels: every other image, decoded here by the exact path, so that the
-              # encoder's host thread never decodes one itself
-              else [("image", pa.binary()), ("device_ok", pa.bool_()),
+              # image: the bytes of a JPEG the device decodes as PIL does, and device_area its width x height
+              # (0 for any other image: checked here to spare the encoder's cores; the actor's decode budget
+              # counts it); pixels: every other image, decoded here by the exact path, so that the encoder's
+              # host thread never decodes one itself
+              else [("image", pa.binary()), ("device_area", pa.int64()),
                     ("pixels", pa.binary(image_size * image_size * 3))])
     return pa.schema([
         ("key", pa.string()),
@@ -105,9 +106,9 @@ def preprocess(batch: pa.Table, cfg: JobCfg, tokenizer: tuple[str, str | None]) 
     on_tasks = cfg.read.decode_on == "tasks"
     blank = bytes(size * size * 3) if on_tasks else None
     rows = batch.to_pylist()
-    captions, images, pixels, urls, warnings_, errors = [], [], [], [], [], []
+    captions, images, areas, pixels, urls, warnings_, errors = [], [], [], [], [], [], []
     for row in rows:
-        error, caption, image, decoded, url = row["error"], None, blank, None, None
+        error, caption, image, decoded, url, area = row["error"], None, blank, None, None, 0
         notes = [row["warning"]] if row["warning"] else []
         if row["position"] >= 0:
             url, json_warning = decode_url(row["json"])
@@ -119,7 +120,8 @@ def preprocess(batch: pa.Table, cfg: JobCfg, tokenizer: tuple[str, str | None]) 
                 error = error or str(exc)
             if row["image"] is None:
                 error = error or "missing_image: no image member (.jpg/.jpeg/.png/.webp)"
-            elif error is None and not on_tasks and device_decodable(row["image"], size, cfg.read.max_image_pixels):
+            elif error is None and not on_tasks and (
+                    area := device_decodable(row["image"], size, cfg.read.max_image_pixels)):
                 image = row["image"]  # decoded on the encoder's device (device_decode.py)
             elif error is None:  # the exact path, here: the pixels column of either placement
                 try:
@@ -130,6 +132,7 @@ def preprocess(batch: pa.Table, cfg: JobCfg, tokenizer: tuple[str, str | None]) 
                     image = decoded
         captions.append(caption)
         images.append(image)
+        areas.append(area)
         pixels.append(decoded)
         urls.append(url)
         errors.append(error)
@@ -158,6 +161,6 @@ def preprocess(batch: pa.Table, cfg: JobCfg, tokenizer: tuple[str, str | None]) 
         "shard_error": batch.column("shard_error"),
     }
     if not on_tasks:
-        columns["device_ok"] = pa.array([image is not None for image in images], pa.bool_())
+        columns["device_area"] = pa.array(areas, pa.int64())
         columns["pixels"] = pa.array(pixels, schema.field("pixels").type)
     return pa.table({name: columns[name] for name in schema.names}, schema=schema)
