@@ -74,7 +74,9 @@ class EncoderCfg:
     # or auto: one per GPU (num_gpus > 0) or one per CPU (num_gpus = 0) of the Ray cluster the job runs on,
     # counted when the job starts (a local run: the local Ray's, so every core of this machine)
     actors: int | str = 1
-    # GPUs reserved per actor; 0 runs the towers on CPU
+    # GPUs reserved per actor; 0 runs the towers on CPU. A fraction puts several actors on one GPU (0.5: two,
+    # 0.25: four), each a process with its own host thread and CUDA context, so that one's host work
+    # (unpacking, decode, copies) overlaps another's GPU work; above 1, a whole number
     num_gpus: float = 0.0
     # auto: CUDA when num_gpus > 0, else CPU; cpu with num_gpus > 0 only for scheduling tests on logical GPUs
     device: str = "auto"
@@ -308,6 +310,9 @@ def validate(cfg: JobCfg) -> None:
             raise ValueError(f"{name}: must be >= 0, got {value}")
     if cfg.encoder.device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"encoder.device: expected auto, cuda or cpu, got {cfg.encoder.device!r}")
+    if cfg.encoder.num_gpus > 1 and cfg.encoder.num_gpus != int(cfg.encoder.num_gpus):
+        raise ValueError(f"encoder.num_gpus: a fraction of one GPU (0.5: two actors per GPU) or a whole number "
+                         f"of GPUs per actor, got {cfg.encoder.num_gpus:g}")
     if cfg.encoder.device == "cuda" and cfg.encoder.num_gpus == 0:
         raise ValueError("encoder.device: cuda needs encoder.num_gpus > 0 (Ray hides GPUs from actors without one)")
     if cfg.encoder.num_gpus == 0 and cfg.model.precision == "fp16":
@@ -324,6 +329,11 @@ def check_room_for_reads(actors: int, cpus_per_actor: float, cpus: float, where:
     if needed >= cpus:
         raise ValueError(f"encoder.actors x encoder.num_cpus = {needed:g} reserves all {cpus:g} CPUs {where}; "
                          "leave room for the read tasks")
+
+
+def actors_per_gpu(num_gpus: float) -> int:
+    """Encoder actors that share one GPU at encoder.num_gpus each (1 for one or more GPUs per actor)."""
+    return max(1, int(1 / num_gpus + 1e-9)) if num_gpus > 0 else 0
 
 
 def resolve_actors(cfg: JobCfg, resources: dict[str, float]) -> JobCfg:

@@ -58,6 +58,18 @@ def test_encoder_actors_spread_one_per_gpu_across_nodes(cluster, tiny_models, tm
     assert sorted(pairs_by_node(summary)) == sorted(w.node_id for w in workers)  # ... and both embedded pairs
 
 
+def test_half_a_gpu_each_puts_two_encoder_actors_on_every_gpu(cluster, tiny_models, tmp_path):
+    """encoder.num_gpus=0.5 with encoder.actors=auto: two actors (two processes) on each GPU node, four in all."""
+    _, workers = cluster
+    make_shards(tmp_path / "shards", N_SHARDS, PER_SHARD)
+    out = tmp_path / "out"
+    with encoder_placement() as placement:
+        summary = run_embed_job(gpu_config(tiny_models, tmp_path / "shards", out, "encoder.actors=auto",
+                                           "encoder.num_gpus=0.5"))
+    assert summary["samples"] == len(ALL_KEYS) and output_keys(out) == ALL_KEYS
+    assert sorted(placement.values()) == sorted(w.node_id for w in workers for _ in range(2))
+
+
 def pairs_by_node(summary) -> dict[str, int]:
     pairs = {}
     for encoder in summary["pairs_by_encoder"]:

@@ -29,14 +29,16 @@ def test_cluster_yaml_is_valid():
 
 
 def test_cluster_yaml_node_types_match_the_wukong_config():
-    from pipeline.config import actor_range, load_config
+    from pipeline.config import actor_range, actors_per_gpu, load_config
 
     types = yaml.safe_load((REPO / "cluster.yaml").read_text())["available_node_types"]
     cfg = load_config(REPO / "configs" / "wukong.yaml")
     gpu, cpu = types["a100"], types["cpu"]
     assert gpu["labels"] == cfg.encoder.node_labels and cpu["labels"] == {"node-kind": "cpu"}
-    # the autoscaling pool spans the GPU node type's range: 8 A100s per p4d.24xlarge, one actor each
-    assert actor_range(cfg.encoder.actors) == (gpu["min_workers"] * 8, gpu["max_workers"] * 8)
+    # the autoscaling pool spans the GPU node type's range: 8 A100s per p4d.24xlarge, encoder.num_gpus each
+    per_node = 8 * actors_per_gpu(cfg.encoder.num_gpus)
+    assert actor_range(cfg.encoder.actors) == (gpu["min_workers"] * per_node, gpu["max_workers"] * per_node)
+    assert per_node * cfg.encoder.num_cpus < 96  # the actors leave a p4d.24xlarge's vCPUs room for read tasks
 
 
 @pytest.mark.parametrize("mutate, error, message", [

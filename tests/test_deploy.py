@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import actor_range, load_config
+from pipeline.config import actor_range, actors_per_gpu, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,9 +21,11 @@ def test_rayjob_manifest_runs_the_embed_job_with_a_valid_config():
     groups = {g["groupName"]: g for g in manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
     gpu_group = groups["a100"]
     gpus = int(gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-    # one actor per GPU, from the smallest to the largest GPU group the cluster can scale to
-    assert cfg.encoder.num_gpus == 1
-    assert actor_range(cfg.encoder.actors) == (gpu_group["minReplicas"] * gpus, gpu_group["maxReplicas"] * gpus)
+    # encoder.num_gpus each, from the smallest to the largest GPU group the cluster can scale to
+    per_pod = gpus * actors_per_gpu(cfg.encoder.num_gpus)
+    assert actor_range(cfg.encoder.actors) == (gpu_group["minReplicas"] * per_pod, gpu_group["maxReplicas"] * per_pod)
+    cpus = float(gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    assert per_pod * cfg.encoder.num_cpus < cpus  # room left for read tasks
     labels = lambda group: dict(kv.split("=") for kv in group["rayStartParams"]["labels"].split(","))  # noqa: E731
     assert labels(gpu_group) == cfg.encoder.node_labels  # the encoders' labels are on the GPU pods
     assert labels(groups["cpu"]) == {"node-kind": "cpu"}

@@ -257,8 +257,7 @@ def copy_cosines(cfg, photos: int, seed: int = 0) -> dict:
 
     def embed(payloads: list[bytes]) -> np.ndarray:
         pixels = np.stack([decode_image(p, size, max_pixels) for p in payloads])
-        return np.concatenate([encoder.embed_images(pixels[i:i + 16]).cpu().numpy()
-                               for i in range(0, len(pixels), 16)])
+        return encoder.embed_images(pixels).cpu().numpy()  # batch by batch (Encoder.at_fixed_shape)
 
     base = embed([repost(p, "jpeg_q95") for p in originals])
     figures = {"weights": "RANDOM (default init) of the real architectures" if random_weights else "trained",

@@ -1,0 +1,62 @@
+"""The encoder's towers: one shape for every batch (a partial one padded), weights cast once for autocast."""
+
+import numpy as np
+import torch
+
+from conftest import job_config
+from pipeline.embed import encode
+from pipeline.embed.encode import Encoder
+from pipeline.embed.preprocess import load_tokenizer, resolve_tokenizer, tokenize
+
+BATCH = 8
+
+
+def encoder_and_inputs(tiny_models, tmp_path, rows: int, *overrides: str):
+    cfg = job_config(tiny_models, "unused", str(tmp_path / "out"), f"encoder.batch_size={BATCH}", *overrides)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (rows, 224, 224, 3), dtype=np.uint8)
+    ids = tokenize(load_tokenizer(*resolve_tokenizer(cfg, random_weights=False)),
+                   [f"第{i}张图片，一只猫" for i in range(rows)])
+    return Encoder(cfg), pixels, ids, cfg
+
+
+def record_batch_sizes(encoder: Encoder) -> list[int]:
+    seen = []
+    for tower, name in ((encoder.image_model, "pixel_values"), (encoder.text_model, "input_ids")):
+        tower.register_forward_pre_hook(lambda module, args, kwargs, name=name: seen.append(len(kwargs[name])),
+                                        with_kwargs=True)
+    return seen
+
+
+def test_the_towers_see_the_configured_batch_size_whatever_the_batch(tiny_models, tmp_path):
+    """A partial batch runs padded to encoder.batch_size, a larger input batch by batch, and only the input's
+    own rows come back, each as it would alone."""
+    encoder, pixels, ids, _ = encoder_and_inputs(tiny_models, tmp_path, 19)
+    seen = record_batch_sizes(encoder)
+    image_emb, text_emb, similarity = encoder.embed(pixels[:5], ids[:5])
+    assert image_emb.shape == text_emb.shape == (5, 512) and similarity.shape == (5,)
+    assert seen == [BATCH, BATCH]  # image tower, text tower
+    seen.clear()
+    images = encoder.embed_images(pixels).numpy()
+    assert images.shape == (19, 512) and seen == [BATCH] * 3
+    # a row's embedding does not depend on what else was in its batch, or on the padding
+    np.testing.assert_allclose(images[:5], image_emb, atol=1e-6)
+    for i in (0, 9, 18):
+        np.testing.assert_allclose(encoder.embed_images(pixels[i : i + 1]).numpy()[0], images[i], atol=1e-6)
+    np.testing.assert_allclose(similarity, (image_emb * text_emb).sum(-1), atol=1e-6)
+
+
+def test_weights_cast_once_give_what_autocast_gives(tiny_models, tmp_path, monkeypatch):
+    """Linear and convolution weights are cast to the autocast dtype when the actor loads them (bf16 on CPU
+    here, fp16 on a GPU): the embeddings are bit for bit those of autocast casting them on every batch."""
+    cast_once, pixels, ids, cfg = encoder_and_inputs(tiny_models, tmp_path, 6, "model.precision=bf16")
+    assert cast_once.image_model.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16
+    assert cast_once.text_model.classifier.weight.dtype == torch.bfloat16
+    assert cast_once.text_model.bert.embeddings.word_embeddings.weight.dtype == torch.float32
+    assert cast_once.image_model.vision_model.post_layernorm.weight.dtype == torch.float32
+    monkeypatch.setattr(encode, "cast_for_autocast", lambda model, dtype: None)
+    per_batch = Encoder(cfg)
+    assert per_batch.text_model.classifier.weight.dtype == torch.float32
+    for ours, theirs in zip(cast_once.embed(pixels, ids), per_batch.embed(pixels, ids)):
+        assert np.array_equal(ours, theirs)
+
