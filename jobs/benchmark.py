@@ -28,8 +28,11 @@ def main(argv=None) -> int:
                         help="pairs in each end-to-end run (default 512; 30720 on a GPU config)")
     parser.add_argument("--per-shard", type=int, default=None, help="pairs per generated shard (64; 256 on a GPU config)")
     parser.add_argument("--precisions", default=None,
-                        help="comma-separated: fp32, bf16, fp16 (GPU); default fp16,bf16 on a GPU config "
-                             "(encoder.num_gpus > 0), else fp32,bf16")
+                        help="comma-separated: fp32, bf16, fp16 (GPU); default fp16 on a GPU config "
+                             "(encoder.num_gpus > 0: the 5-minute budget), else fp32,bf16")
+    parser.add_argument("--encoders-per-gpu", default=None,
+                        help="comma-separated encoder actors (processes) per GPU to run decode_on=encoder with, "
+                             "each with its own ceiling (default 1,2,3,4 on a GPU config; ignored on CPU)")
     parser.add_argument("--decode-on", default=None,
                         help="comma-separated read.decode_on placements to run end to end (default tasks,encoder)")
     parser.add_argument("--fidelity-photos", type=int, default=None,
@@ -65,7 +68,8 @@ def main(argv=None) -> int:
             use_ray = False
             log.warning("Ray is not installed here: the stages run without Ray (read + tokenize in worker "
                         "processes, the encoder in this process); every figure is labelled 'without Ray'")
-    precisions = (args.precisions or ("fp16,bf16" if cfg.encoder.num_gpus else "fp32,bf16")).split(",")
+    precisions = (args.precisions or ("fp16" if cfg.encoder.num_gpus else "fp32,bf16")).split(",")
+    encoders_per_gpu = [int(k) for k in (args.encoders_per_gpu or ("1,2,3,4" if cfg.encoder.num_gpus else "1")).split(",")]
     placements = (args.decode_on or "tasks,encoder").split(",")
     pairs = args.pairs or (30_720 if cfg.encoder.num_gpus else 512)
     per_shard = args.per_shard or (256 if cfg.encoder.num_gpus else 64)
@@ -73,7 +77,7 @@ def main(argv=None) -> int:
         159 if "encoder" in placements else 0)
     report = run_benchmark(cfg, pairs, per_shard, precisions, placements, Path(args.cache),
                            memory_check=not args.no_memory_check, ceiling_seconds=args.ceiling_seconds or (8.0 if cfg.encoder.num_gpus else 20.0),
-                           use_ray=use_ray, fidelity_photos=fidelity_photos)
+                           use_ray=use_ray, fidelity_photos=fidelity_photos, encoders_per_gpu=encoders_per_gpu)
     report["tiny_models"] = args.tiny
     report["command"] = " ".join(["python", "jobs/benchmark.py", *(argv if argv is not None else sys.argv[1:])])
     Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False))

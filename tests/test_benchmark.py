@@ -75,15 +75,29 @@ def test_benchmark_smoke(tmp_path):
 
 
 def test_benchmark_runs_without_ray(tmp_path):
-    """What the lent GPU machine does (it has no Ray): the same stages in-process, labelled in table and JSON."""
-    report, stdout = run_benchmark_job(tmp_path, "--precisions", "fp32", "--without-ray")
+    """What the lent GPU machine does (it has no Ray): the same stages driven by the benchmark, each encoder a
+    spawned process of its own, labelled in table and JSON. Here on a logical GPU (the towers on CPU), with 1
+    and 2 encoders sharing it."""
+    report, stdout = run_benchmark_job(tmp_path, "--precisions", "fp32", "--without-ray", "--encoders-per-gpu", "1,2",
+                                       "--set", "encoder.num_gpus=1", "--set", "encoder.device=cpu",
+                                       "--set", "encoder.actors=1", "--set", "encoder.num_cpus=0.5")
     assert report["ray"] is False
-    assert "worker processes" in report["without_ray"] and stdout.startswith("MEASURED WITHOUT RAY")
+    assert "1 encoder process(es) spawned" in report["without_ray"] and stdout.startswith("MEASURED WITHOUT RAY")
     run = report["runs"]["fp32"]
     assert len(run["encoder_ceiling"]["per_actor_pairs_per_s"]) == 1
     check_end_to_end(run)
     assert all(placed["end_to_end"]["ray"] is False for placed in run["decode_on"].values())
     assert run["decode_on"]["encoder"]["end_to_end"]["decoded_on_device"] == 32  # every JPEG took the device path
+    layouts = run["encoders_per_gpu"]
+    assert set(layouts) == {"1", "2"}  # JSON keys
+    shared = layouts["2"]
+    assert shared["encoder_actors"] == 2 and shared["num_gpus_each"] == 0.5
+    assert len(shared["encoder_ceiling"]["per_actor_pairs_per_s"]) == 2  # two processes timed at once
+    e2e = shared["end_to_end"]
+    assert e2e["encoder_processes"] == 2 and e2e["pairs"] == e2e["ok"] == 32 and e2e["decoded_on_device"] == 32
+    # both processes embedded batches: the steady clock saw two encoders
+    assert e2e["encoders_seen"] == 2
+    assert "2 encoder(s) per GPU (2 at num_gpus 0.5)" in stdout
     check_fidelity(report)
     assert "memory_scaling" not in report  # the scaling check needs Ray's pool
 

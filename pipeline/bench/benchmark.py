@@ -21,7 +21,9 @@ from pipeline.embed.preprocess import load_tokenizer, resolve_tokenizer, tokeniz
 
 def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str], placements: list[str],
                   cache: Path, memory_check: bool, ceiling_seconds: float, use_ray: bool,
-                  fidelity_photos: int) -> dict:
+                  fidelity_photos: int, encoders_per_gpu: list[int] = (1,)) -> dict:
+    """encoders_per_gpu (a GPU config): besides the runs at the config's layout, decode_on=encoder with k encoder
+    actors (processes) sharing each GPU, each k with its own ceiling (its k probes timed at once)."""
     from pipeline.embed.model import decide_random_weights
 
     started = time.perf_counter()
@@ -51,7 +53,8 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
         from pipeline.bench.inprocess import read_workers
 
         report["without_ray"] = (f"Ray is not used: read + tokenize (+ decode) in {read_workers(cfg)} worker "
-                                 "processes, the encoder in the benchmark's own process")
+                                 f"processes, {cfg.encoder.actors} encoder process(es) spawned by the benchmark, "
+                                 "each with its own CUDA context")
     texts = [caption(np.random.default_rng(i)) for i in range(cfg.encoder.batch_size)]
     input_ids = tokenize(load_tokenizer(*tokenizer), texts)
     report["ray_start_s"] = round(ray_start_s, 3)
@@ -78,6 +81,10 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
             run["whole_run_ratio"] = round(e2e["pairs"] / e2e["wall_s"] / ceiling["pairs_per_s"], 3)
         report["runs"][precision] = {"encoder_ceiling": ceiling, "ceiling_before_pairs_per_s": before["pairs_per_s"],
                                      "ceiling_after_pairs_per_s": after["pairs_per_s"], "decode_on": runs}
+        if cfg.encoder.num_gpus > 0 and list(encoders_per_gpu) != [1]:
+            report["runs"][precision]["encoders_per_gpu"] = sharing_gpus(
+                configured(precision, "encoder"), encoders_per_gpu, shards, random_weights, tokenizer, input_ids,
+                ceiling_seconds, use_ray)
     if memory_check and use_ray:  # once, with the last precision: memory does not depend on it
         report["memory_scaling"] = memory_scaling(configured(precisions[-1], placements[-1]), cache, per_shard,
                                                   random_weights, tokenizer)
@@ -90,6 +97,29 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
                                               [caption(rng) for _ in range(fidelity_photos)],
                                               "cuda" if gpu_available() else "cpu")
     return report
+
+
+def sharing_gpus(cfg: JobCfg, encoders_per_gpu: list[int], shards: list[Path], random_weights: bool,
+                 tokenizer: tuple[str, str | None], input_ids: np.ndarray, ceiling_seconds: float,
+                 use_ray: bool) -> dict:
+    """For each k: k encoders on every GPU the config's layout uses (encoder.num_gpus = its share / k), their
+    ceiling (the k probes timed at once) and the whole job; every ratio against the best ceiling of all k."""
+    gpus = int(cfg.encoder.actors) * cfg.encoder.num_gpus
+    layouts = {}
+    for k in encoders_per_gpu:
+        shared = dataclasses.replace(cfg, encoder=dataclasses.replace(
+            cfg.encoder, num_gpus=round(cfg.encoder.num_gpus / k, 4), actors=max(1, round(gpus * k / cfg.encoder.num_gpus))))
+        ceiling = measure_ceiling(shared, random_weights, input_ids, ceiling_seconds, use_ray)
+        with tempfile.TemporaryDirectory() as tmp:
+            layouts[k] = {"encoder_actors": shared.encoder.actors, "num_gpus_each": shared.encoder.num_gpus,
+                          "encoder_ceiling": ceiling,
+                          "end_to_end": end_to_end(shared, shards, Path(tmp) / "out", use_ray, random_weights, tokenizer)}
+    best = max(layout["encoder_ceiling"]["pairs_per_s"] for layout in layouts.values())
+    for layout in layouts.values():
+        e2e = layout["end_to_end"]
+        layout["steady_ratio_to_best_ceiling"] = round(e2e["steady_pairs_per_s"] / best, 3) if e2e[
+            "steady_pairs_per_s"] else None
+    return layouts
 
 
 def tiny_checkpoints(folder: Path) -> tuple[Path, Path]:

@@ -22,24 +22,31 @@ class CeilingProbe:
         self.size = cfg.read.image_size
 
     def measure(self, input_ids: np.ndarray, min_seconds: float, min_batches: int) -> dict:
-        rng = np.random.default_rng(0)
-        pixels = rng.integers(0, 256, (self.batch_size, self.size, self.size, 3), dtype=np.uint8)
-        images = self.encoder.to_device(pixels).permute(0, 3, 1, 2)  # ready on the device, as decoded there
-        ids = input_ids[: self.batch_size]
-        for _ in range(2):  # warm-up: allocator, kernel selection (bf16 oneDNN primitives), caches
-            self.encoder.embed(images, ids)
-        batches, started = 0, time.perf_counter()
-        while batches < min_batches or time.perf_counter() - started < min_seconds:
-            self.encoder.embed(images, ids)
-            batches += 1
-        elapsed = time.perf_counter() - started
-        return {"pairs_per_s": round(batches * self.batch_size / elapsed, 3), "batches": batches,
-                "model_load_s": round(self.load_s, 3), "device": str(self.encoder.device)}
+        return dict(time_towers(self.encoder, input_ids, min_seconds, min_batches), model_load_s=round(self.load_s, 3))
+
+
+def time_towers(encoder, input_ids: np.ndarray, min_seconds: float, min_batches: int) -> dict:
+    """pairs/s of an Encoder's two towers on one batch of random pixels, ready on its device, embedded again and
+    again for at least `min_seconds` and `min_batches`."""
+    rng = np.random.default_rng(0)
+    size = encoder.image_size
+    pixels = rng.integers(0, 256, (encoder.batch_size, size, size, 3), dtype=np.uint8)
+    images = encoder.to_device(pixels).permute(0, 3, 1, 2)  # ready on the device, as decoded there
+    ids = input_ids[: encoder.batch_size]
+    for _ in range(2):  # warm-up: allocator, kernel selection (bf16 oneDNN primitives), caches
+        encoder.embed(images, ids)
+    batches, started = 0, time.perf_counter()
+    while batches < min_batches or time.perf_counter() - started < min_seconds:
+        encoder.embed(images, ids)
+        batches += 1
+    elapsed = time.perf_counter() - started
+    return {"pairs_per_s": round(batches * encoder.batch_size / elapsed, 3), "batches": batches,
+            "device": str(encoder.device)}
 
 
 def measure_ceiling(cfg: JobCfg, random_weights: bool, input_ids: np.ndarray, seconds: float, use_ray: bool) -> dict:
     """One probe per encoder actor, with its resources, all timed at once: the pool's ceiling is their sum.
-    Without Ray, one probe in this process."""
+    Without Ray, one per encoder process, as the job's run without Ray has them."""
     if use_ray:
         import ray
 
@@ -56,7 +63,13 @@ def measure_ceiling(cfg: JobCfg, random_weights: bool, input_ids: np.ndarray, se
             for p in probes:
                 ray.kill(p)
     else:
-        each = [CeilingProbe(cfg, random_weights).measure(input_ids, seconds, 3)]
+        from pipeline.bench.inprocess import EncoderProcesses
+
+        encoders = EncoderProcesses(cfg, random_weights)
+        try:
+            each = encoders.ceiling(input_ids, seconds)
+        finally:
+            encoders.close()
     return {"pairs_per_s": round(sum(m["pairs_per_s"] for m in each), 3),
             "per_actor_pairs_per_s": [m["pairs_per_s"] for m in each], "batches": sum(m["batches"] for m in each),
             "model_load_s": max(m["model_load_s"] for m in each), "device": each[0]["device"]}

@@ -1,34 +1,55 @@
 """The embed job's stages driven without Ray, for the benchmark on a machine that has no Ray (the lent GPU box).
 
-Read + tokenize (+ decode, with read.decode_on=tasks) run in a pool of worker processes, the Encoder in this
-process with encoder.batches_in_flight threads: the job's own stage functions (read.read_shards,
+Read + tokenize (+ decode, with read.decode_on=tasks) run in a pool of worker processes; each encoder is a
+process of its own (EncoderProcess: spawned, with its own CUDA context and host thread, as a Ray actor is),
+running encoder.batches_in_flight batches at once on threads: the job's own stage functions (read.read_shards,
 preprocess.preprocess, encode.Encoder), without Ray's object store, scheduling or the Parquet commit protocol.
-Figures measured this way are labelled "without Ray".
+encoder.actors encoders share the machine's GPUs at encoder.num_gpus each (0.5: two per GPU). Batches reach an
+encoder through a pipe (pickled Arrow tables), where Ray would use its shared-memory object store. Figures
+measured this way are labelled "without Ray".
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import queue
 import time
+import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.config import JobCfg
+from pipeline.config import JobCfg, actors_per_gpu
 from pipeline.embed.preprocess import preprocess
-from pipeline.progress import SteadyClock
 from pipeline.embed.read import read_shards
+from pipeline.progress import SteadyClock
 
 
 def read_workers(cfg: JobCfg) -> int:
-    """Worker processes for read + preprocess: the cores left once the encoder has its reservation."""
+    """Worker processes for read + preprocess: the cores left once the encoders have their reservations."""
     cores = cfg.ray.num_cpus or os.cpu_count() or 1
-    return max(1, int((cores - cfg.encoder.num_cpus) // max(cfg.read.num_cpus, 0.01)))
+    return max(1, int((cores - int(cfg.encoder.actors) * cfg.encoder.num_cpus) // max(cfg.read.num_cpus, 0.01)))
+
+
+def gpus_of(cfg: JobCfg, index: int) -> str | None:
+    """CUDA_VISIBLE_DEVICES for encoder `index`: encoder.num_gpus each, in order over this machine's GPUs (of
+    those CUDA_VISIBLE_DEVICES names, if set), as Ray would assign them; None on CPU."""
+    if cfg.encoder.num_gpus <= 0:
+        return None
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(max(torch.cuda.device_count(), 1))]
+    if cfg.encoder.num_gpus <= 1:
+        return devices[(index // actors_per_gpu(cfg.encoder.num_gpus)) % len(devices)]
+    per_actor = int(cfg.encoder.num_gpus)
+    return ",".join(devices[(index * per_actor + i) % len(devices)] for i in range(per_actor))
 
 
 def prepare_shard(url: str, cfg: JobCfg, tokenizer: tuple[str, str | None]) -> pa.Table:
@@ -44,23 +65,115 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def serve_encoder(cfg: JobCfg, random_weights: bool, index: int, gpus: str | None, inbox, results) -> None:
+    """An encoder process: loads the towers, says it is ready, then embeds the batches it is sent, up to
+    encoder.batches_in_flight at once, until it is sent None. ("ceiling", ids, seconds) times the towers alone."""
+    if gpus is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus  # before CUDA starts in this process
+    try:
+        from pipeline.bench.ceiling import time_towers
+        from pipeline.embed.encode import Encoder
+
+        started = time.perf_counter()
+        encoder = Encoder(cfg, random_weights)
+        results.put(("ready", index, round(time.perf_counter() - started, 3)))
+        with ThreadPoolExecutor(cfg.encoder.batches_in_flight) as threads:
+            def embed(seq: int, batch: pa.Table) -> None:
+                try:
+                    results.put(("embedded", index, (seq, encoder(batch))))
+                except BaseException:  # noqa: BLE001 - the driver raises it
+                    results.put(("failed", index, traceback.format_exc()))
+
+            while (message := inbox.get()) is not None:
+                if message[0] == "ceiling":
+                    results.put(("ceiling", index, time_towers(encoder, message[1], message[2], 3)))
+                else:
+                    threads.submit(embed, *message[1:])
+        decoder = encoder.decoder
+        results.put(("closed", index, {"decoded_on_device": decoder.on_device if decoder else 0,
+                                       "decoded_on_cpu_in_encoder": decoder.on_cpu if decoder else 0}))
+    except BaseException:  # noqa: BLE001
+        results.put(("failed", index, traceback.format_exc()))
+
+
+class EncoderProcesses:
+    """encoder.actors encoder processes (spawned: each its own CUDA context), fed through pipes."""
+
+    def __init__(self, cfg: JobCfg, random_weights: bool):
+        context = get_context("spawn")
+        self.results, self.count = context.Queue(), int(cfg.encoder.actors)
+        self.inboxes = [context.Queue() for _ in range(self.count)]
+        self.processes = [context.Process(target=serve_encoder, daemon=True,
+                                          args=(cfg, random_weights, i, gpus_of(cfg, i), inbox, self.results))
+                          for i, inbox in enumerate(self.inboxes)]
+        for process in self.processes:
+            process.start()
+        self.load_s = [self.receive("ready")[1] for _ in range(self.count)]  # every model loaded, as Ray's pool
+        self.busy = [0] * self.count
+
+    def receive(self, kind: str, timeout: float | None = None):
+        """(encoder index, value) of the next message, which must be of `kind`; an encoder's failure raises."""
+        while True:
+            try:
+                got, index, value = self.results.get(timeout=timeout if timeout is not None else 5.0)
+            except queue.Empty:
+                if timeout is not None:
+                    return None
+                dead = [p.pid for p in self.processes if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"encoder processes {dead} died without a word (out of memory?)") from None
+                continue
+            if got == "failed":
+                raise RuntimeError(f"encoder process {index} failed:\n{value}")
+            if got != kind:
+                raise RuntimeError(f"encoder process {index} said {got!r}, expected {kind!r}")
+            return index, value
+
+    def submit(self, seq: int, batch: pa.Table) -> None:
+        """To the encoder with the fewest batches (at most batches_in_flight + 1 each: the caller waits)."""
+        index = int(np.argmin(self.busy))
+        self.busy[index] += 1
+        self.inboxes[index].put(("batch", seq, batch))
+
+    def ceiling(self, input_ids: np.ndarray, seconds: float) -> list[dict]:
+        """Each encoder's towers timed alone, all at once."""
+        for inbox in self.inboxes:
+            inbox.put(("ceiling", input_ids, seconds))
+        measured = dict(self.receive("ceiling") for _ in range(self.count))
+        return [dict(measured[i], model_load_s=self.load_s[i]) for i in range(self.count)]
+
+    def close(self) -> dict:
+        """Stops the encoders; the sums of their decoders' counts (those that said them within a minute)."""
+        for inbox in self.inboxes:
+            inbox.put(None)
+        counts, closed, deadline = collections.Counter(), 0, time.monotonic() + 60
+        while closed < self.count and time.monotonic() < deadline:
+            try:
+                got, _, value = self.results.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if got == "closed":
+                counts.update(value)
+                closed += 1
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+        return dict(counts)
+
 def run_without_ray(cfg: JobCfg, shard_urls: list[str], random_weights: bool, tokenizer: tuple[str, str | None],
                     out: Path) -> dict:
     """Embed every sample of `shard_urls`, writing one Parquet file per encoder batch under `out`."""
-    from pipeline.embed.encode import Encoder
-
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
     workers = read_workers(cfg)
-    # spawned, not forked: this process is about to hold a CUDA context
+    # spawned, not forked: the encoder processes hold CUDA contexts
     readers = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_one_thread)
-    encoder = Encoder(cfg, random_weights)
-    in_flight = cfg.encoder.batches_in_flight
     clock, counts = SteadyClock(), collections.Counter()
-    todo, reading, buffered, encoding = collections.deque(shard_urls), set(), [], collections.deque()
+    todo, reading, buffered = collections.deque(shard_urls), set(), []
 
-    def finish(future) -> None:
-        table = future.result()
+    def finish(encoder: int, table: pa.Table) -> None:
+        encoders.busy[encoder] -= 1
         counts["pairs"] += table.num_rows
         counts["ok"] += pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
         clock.add(table["encoder"][0].as_py(), table["encode_started"][0].as_py(), table["encoded_at"][0].as_py(),
@@ -69,42 +182,52 @@ def run_without_ray(cfg: JobCfg, shard_urls: list[str], random_weights: bool, to
                        out / f"part-{counts['parts']:06d}.parquet", compression=cfg.write.compression)
         counts["parts"] += 1
 
-    def encode(batch: pa.Table) -> None:
-        while len(encoding) >= in_flight:  # back-pressure: one batch queued behind those running
-            finish(encoding.popleft())
-        encoding.append(threads.submit(encoder, batch))
+    def collect(block: bool) -> None:
+        while (got := encoders.receive("embedded", timeout=None if block else 0)) is not None:
+            finish(got[0], got[1][1])
+            block = False
 
-    with readers, ThreadPoolExecutor(in_flight) as threads:
-        while todo or reading:
-            while todo and len(reading) < 2 * workers:  # bounded read-ahead
-                reading.add(readers.submit(prepare_shard, todo.popleft(), cfg, tokenizer))
-            done, reading = wait(reading, return_when=FIRST_COMPLETED, timeout=0.05 if encoding else None)
-            for future in done:
-                buffered.append(future.result())
-            rows = sum(t.num_rows for t in buffered)
-            if rows >= cfg.encoder.batch_size or (not todo and not reading and rows):
-                table = pa.concat_tables(buffered)
-                for begin in range(0, table.num_rows, cfg.encoder.batch_size):
-                    batch = table.slice(begin, cfg.encoder.batch_size)
-                    if batch.num_rows == cfg.encoder.batch_size or (not todo and not reading):
-                        encode(batch)
+    def encode(batch: pa.Table) -> None:
+        # back-pressure: one batch queued behind those running on each encoder
+        while min(encoders.busy) > cfg.encoder.batches_in_flight:
+            collect(block=True)
+        encoders.submit(counts["sent"], batch)
+        counts["sent"] += 1
+
+    with readers:
+        encoders = EncoderProcesses(cfg, random_weights)
+        try:
+            loaded = time.time()
+            while todo or reading:
+                while todo and len(reading) < 2 * workers:  # bounded read-ahead
+                    reading.add(readers.submit(prepare_shard, todo.popleft(), cfg, tokenizer))
+                done, reading = wait(reading, return_when=FIRST_COMPLETED, timeout=0.05 if any(encoders.busy) else None)
+                for future in done:
+                    buffered.append(future.result())
+                rows = sum(t.num_rows for t in buffered)
+                if rows >= cfg.encoder.batch_size or (not todo and not reading and rows):
+                    table = pa.concat_tables(buffered)
+                    for begin in range(0, table.num_rows, cfg.encoder.batch_size):
+                        batch = table.slice(begin, cfg.encoder.batch_size)
+                        if batch.num_rows == cfg.encoder.batch_size or (not todo and not reading):
+                            encode(batch)
+                        else:
+                            buffered = [batch]
+                            break
                     else:
-                        buffered = [batch]
-                        break
-                else:
-                    buffered = []
-            while encoding and encoding[0].done():
-                finish(encoding.popleft())
-        while encoding:
-            finish(encoding.popleft())
-    finished = time.time()
+                        buffered = []
+                collect(block=False)
+            while any(encoders.busy):
+                collect(block=True)
+            finished = time.time()
+        finally:
+            decoded = encoders.close()
     steady = clock.steady_rate(finished)
-    decoder = encoder.decoder
     return {"pairs": counts["pairs"], "ok": counts["ok"], "wall_s": round(finished - started, 3),
             "startup_s": round(clock.window_start() - started, 3) if steady else None,
+            "models_loaded_s": round(loaded - started, 3),
             "steady_pairs_per_s": round(steady, 3) if steady else None,
             "whole_run_pairs_per_s": round(counts["pairs"] / (finished - started), 2),
             "steady_window": [clock.window_start(), finished] if steady else None,
-            "read_workers": workers, "ray": False,
-            "decoded_on_device": decoder.on_device if decoder else 0,
-            "decoded_on_cpu_in_encoder": decoder.on_cpu if decoder else 0}
+            "read_workers": workers, "encoder_processes": encoders.count, "encoders_seen": clock.encoders(),
+            "ray": False, **decoded}

@@ -26,6 +26,14 @@ def format_table(report: dict) -> str:
                          f"{e['whole_run_pairs_per_s']:>9.2f}"
                          f"{placed['whole_run_ratio']:>12.3f}{busy:>9}{figure(e['startup_s'], 10, '.1f')}"
                          f"{c['model_load_s']:>8.1f}{e['peak_memory_mib']:>10.0f}{e['parquet_bytes_per_pair']:>8.0f}")
+    for precision, run in report["runs"].items():
+        for k, layout in run.get("encoders_per_gpu", {}).items():
+            e = layout["end_to_end"]
+            busy = f"{e['gpu_busy_steady']:.0%}" if e.get("gpu_busy_steady") is not None else "n/a"
+            lines.append(f"{precision}, decode_on=encoder, {k} encoder(s) per GPU ({layout['encoder_actors']} at "
+                         f"num_gpus {layout['num_gpus_each']:g}): ceiling {layout['encoder_ceiling']['pairs_per_s']:.2f}/s, "
+                         f"steady {figure(e['steady_pairs_per_s'], 0, '.2f')}/s, ratio to the best ceiling "
+                         f"{figure(layout['steady_ratio_to_best_ceiling'], 0, '.3f')}, GPU busy {busy}")
     cpu = report["cpu"]
     lines.append(f"CPU per core: {cpu['decode_images_per_s_per_core']} images/s decoded + resized by PIL (decode_on="
                  f"tasks), {cpu['encoder_path_on_cpu_images_per_s_per_core']} by the encoder path on CPU; mean JPEG "
