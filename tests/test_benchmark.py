@@ -98,6 +98,8 @@ def test_benchmark_runs_without_ray(tmp_path):
     # both processes embedded batches: the steady clock saw two encoders
     assert e2e["encoders_seen"] == 2
     assert "2 encoder(s) per GPU (2 at num_gpus 0.5)" in stdout
+    # a GPU config runs the gpu checks first; here they say why they did not run
+    assert report["gpu_checks"] == {"skipped": "no CUDA GPU visible to torch"} and "GPU checks" in stdout
     check_fidelity(report)
     assert "memory_scaling" not in report  # the scaling check needs Ray's pool
 

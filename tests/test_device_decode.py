@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import rgb_image
-from pipeline.bench.photos import benchmark_photos
+from pipeline.bench.photos import benchmark_photos, corrupted_jpegs
 from pipeline.embed.demo import encode_image
 from pipeline.embed.device_decode import DeviceDecoder, device_decodable
 from pipeline.embed.image import SampleError, decode_image
@@ -82,26 +82,6 @@ def test_device_path_pixels_equal_the_exact_path_on_cpu(photos):
     """Photos of the benchmark's kind, all through the batched device path: the exact path's bytes."""
     reference = np.stack([exact(p)[0] for p in photos])
     assert np.array_equal(device_pixels(DeviceDecoder(torch.device("cpu"), SIZE, MAX_PIXELS), photos), reference)
-
-
-def corrupted_jpegs(count: int, seed: int) -> list[bytes]:
-    """Baseline JPEGs with a run of bytes overwritten or cut out after their first 20 bytes: headers, tables,
-    compressed data."""
-    rng = np.random.default_rng(seed)
-    corrupted = []
-    for i in range(count):
-        width, height = (int(v) for v in rng.integers(40, 400, 2))
-        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8) if i % 2 else np.tile(
-            np.linspace(0, 255, width, dtype=np.uint8)[None, :, None], (height, 1, 3))
-        payload = bytearray(encode_image(Image.fromarray(pixels), "JPEG", quality=int(rng.integers(60, 95)),
-                                         subsampling=int(rng.integers(0, 3))))
-        at, length = int(rng.integers(20, len(payload) - 100)), int(rng.integers(1, 100))
-        if i % 3 == 2:
-            del payload[at : at + length]
-        else:
-            payload[at : at + length] = rng.bytes(length)
-        corrupted.append(bytes(payload))
-    return corrupted
 
 
 def test_a_jpeg_corrupted_in_the_middle_gets_the_exact_paths_row_whatever_the_decoder_makes_of_it(monkeypatch):

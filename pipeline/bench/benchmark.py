@@ -40,6 +40,11 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
 
         cfg = resolve_actors(cfg, {"CPU": cfg.ray.num_cpus or os.cpu_count() or 1, "GPU": torch.cuda.device_count()})
     ray_start_s = time.perf_counter() - started
+    gpu_checks = None
+    if cfg.encoder.num_gpus > 0:  # first: figures of a CUDA path that gives wrong pixels would mean nothing
+        from pipeline.bench.gpu_checks import run_gpu_checks
+
+        gpu_checks = run_gpu_checks(cfg)
     n_shards = max(1, pairs // per_shard)
     shards = make_benchmark_shards(cache / f"shards-v2-{per_shard}", n_shards, per_shard)
     random_weights = decide_random_weights(cfg)
@@ -49,6 +54,8 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
               "torch_threads": cfg.encoder.torch_threads, "batches_in_flight": cfg.encoder.batches_in_flight,
               "models": {"text": cfg.model.text, "image": cfg.model.image, "random_weights": random_weights},
               "cpu": decode_rate_per_core(cfg, shards[0], tokenizer), "runs": {}}
+    if gpu_checks is not None:
+        report["gpu_checks"] = gpu_checks
     if not use_ray:
         from pipeline.bench.inprocess import read_workers
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline.embed.demo import real_photographs, write_tar_shard
+from pipeline.embed.demo import encode_image, real_photographs, write_tar_shard
 
 SUBJECTS = ["一只橘猫", "两个孩子", "一位老人", "一辆红色的汽车", "一碗牛肉面", "一座古老的寺庙", "一片金黄的麦田",
             "城市的天际线", "一只白色的小狗", "穿着汉服的女孩", "一杯咖啡", "雪山下的湖泊", "一艘渔船", "樱花树"]
@@ -100,3 +100,23 @@ def make_benchmark_shards(folder: Path, n_shards: int, per_shard: int, seed: int
                         (f"{key}.json", json.dumps({"url": f"https://example.com/{key}.jpg"}).encode())]
         write_tar_shard(paths[s], members)
     return paths
+
+
+def corrupted_jpegs(count: int, seed: int) -> list[bytes]:
+    """Baseline JPEGs with a run of bytes overwritten or cut out after their first 20 bytes: headers, tables,
+    compressed data."""
+    rng = np.random.default_rng(seed)
+    corrupted = []
+    for i in range(count):
+        width, height = (int(v) for v in rng.integers(40, 400, 2))
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8) if i % 2 else np.tile(
+            np.linspace(0, 255, width, dtype=np.uint8)[None, :, None], (height, 1, 3))
+        payload = bytearray(encode_image(Image.fromarray(pixels), "JPEG", quality=int(rng.integers(60, 95)),
+                                         subsampling=int(rng.integers(0, 3))))
+        at, length = int(rng.integers(20, len(payload) - 100)), int(rng.integers(1, 100))
+        if i % 3 == 2:
+            del payload[at : at + length]
+        else:
+            payload[at : at + length] = rng.bytes(length)
+        corrupted.append(bytes(payload))
+    return corrupted

@@ -12,6 +12,13 @@ def format_table(report: dict) -> str:
     lines = []
     if report.get("without_ray"):
         lines.append(f"MEASURED WITHOUT RAY: {report['without_ray']}")
+    checks = report.get("gpu_checks")
+    if checks is not None:
+        failed = {name: result for name, result in checks.items() if result not in ("passed",) and name != "skipped"}
+        lines.append("GPU checks (pipeline/bench/gpu_checks.py): " + (
+            f"skipped: {checks['skipped']}" if "skipped" in checks else
+            f"{len(checks) - len(failed)} of {len(checks)} passed"
+            + "".join(f"\nGPU CHECK FAILED, {name}: {result}" for name, result in failed.items())))
     if report["models"]["random_weights"]:
         lines.append("random weights of the real architectures (speed only)")
     lines.append(f"{'precision':<10}{'decode_on':<10}{'ceiling/s':>11}{'steady/s':>10}{'ratio':>7}{'whole/s':>9}"

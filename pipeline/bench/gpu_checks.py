@@ -1,0 +1,179 @@
+"""The CUDA paths of read.decode_on=encoder and of the encoder, checked on the GPU itself, without pytest.
+
+The lent GPU machine has no pytest and no package registry: `python jobs/benchmark.py --config
+configs/benchmark-gpu.yaml` runs these first and reports them with its figures; tests/test_gpu.py runs the
+same checks under pytest wherever a GPU is present (and, as a dry run of the checks' own code, on CPU).
+Each check takes the device to check ("cuda"; "cpu" for the dry run) and raises AssertionError on a failure.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+
+import numpy as np
+
+from pipeline.bench.photos import benchmark_photos, corrupted_jpegs
+from pipeline.config import JobCfg
+from pipeline.embed.demo import encode_image, shape_image
+from pipeline.embed.image import MAX_EXACT_ASPECT, SampleError, decode_image
+
+SIZE, MAX_PIXELS = 224, 50_000_000
+# downscaling and upscaling, both orientations, 1-pixel sides, the extreme aspect ratios the exact path takes,
+# both sides of Pillow's pass-order rule (resize.vertical_first)
+SHAPES = [(640, 480), (480, 640), (1000, 700), (333, 1001), (97, 61), (3, 3), (1, 1), (1, 20), (20, 1), (224, 224),
+          (300, 299), (2048, 1536), (SIZE * MAX_EXACT_ASPECT, SIZE), (SIZE, SIZE * MAX_EXACT_ASPECT), (230, 460),
+          (230, 461)]
+
+
+def shapes_as_tensors():
+    import torch
+
+    images = []
+    for seed, (width, height) in enumerate(SHAPES):
+        if min(width, height) >= 8:
+            image = np.asarray(shape_image((40 * seed % 255, 120, 200), ["ellipse", "rectangle", "polygon"][seed % 3],
+                                           (width, height), seed).convert("RGB"))
+        else:
+            image = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous())
+    return images
+
+
+def exact_reason(payload: bytes) -> str | None:
+    try:
+        decode_image(payload, SIZE, MAX_PIXELS)
+    except SampleError as exc:
+        return str(exc)
+    return None
+
+
+def check_resize_same_bytes_as_on_cpu(device: str, cfg: JobCfg | None = None) -> None:
+    """The batched resize on the device gives the CPU's bytes (the CPU's are PIL's: tests/test_resize.py), whole
+    and in chunks under a small budget."""
+    from pipeline.embed.resize import resize_center_crop_batch
+
+    images = shapes_as_tensors()
+    on_cpu = resize_center_crop_batch(images, SIZE)
+    on_device = resize_center_crop_batch([i.to(device) for i in images], SIZE)
+    assert on_device.device.type == device, on_device.device
+    differing = [int((a.cpu() != b).sum()) for a, b in zip(on_device, on_cpu)]
+    assert differing == [0] * len(images), f"differing bytes per image: {dict(zip(SHAPES, differing))}"
+    chunked = resize_center_crop_batch([i.to(device) for i in images], SIZE, budget=1_000_000)
+    assert bool((chunked == on_device).all()), "chunks under a budget give other bytes"
+
+
+def check_device_decode_in_one_batch(device: str, cfg: JobCfg | None = None) -> None:
+    """Baseline JPEGs take the device decoder (nvJPEG on CUDA) in one call, none on the CPU; the pixels are close
+    to the exact path's (nvJPEG's IDCT and chroma upsampling differ from libjpeg's: BENCHMARKS.md, "GPU")."""
+    import torch
+
+    from pipeline.embed.device_decode import DeviceDecoder
+
+    payloads = benchmark_photos(48, seed=11)
+    decoder = DeviceDecoder(torch.device(device), SIZE, MAX_PIXELS)
+    images, errors = decoder(payloads)
+    assert decoder.backend == ("nvjpeg" if device == "cuda" else "pil"), decoder.backend
+    assert errors == [None] * len(payloads), errors
+    assert (decoder.on_device, decoder.on_cpu, decoder.decode_calls) == (len(payloads), 0, 1), (
+        decoder.on_device, decoder.on_cpu, decoder.decode_calls)
+    exact = np.stack([decode_image(p, SIZE, MAX_PIXELS) for p in payloads])
+    levels = np.abs(images.permute(0, 2, 3, 1).cpu().numpy().astype(int) - exact.astype(int))
+    assert levels.mean() < 2, f"pixels {levels.mean():.2f} levels from the exact path on average"
+
+
+def check_corrupted_jpegs_get_the_exact_rows(device: str, cfg: JobCfg | None = None) -> None:
+    """JPEGs corrupted anywhere after their first bytes: the device path gives each the exact path's error (or
+    none), whatever the device decoder would make of them."""
+    import torch
+
+    from pipeline.embed.device_decode import DeviceDecoder
+
+    payloads = corrupted_jpegs(300, seed=9)
+    _, errors = DeviceDecoder(torch.device(device), SIZE, MAX_PIXELS)(payloads)
+    expected = [exact_reason(p) for p in payloads]
+    wrong = [(i, got, want) for i, (got, want) in enumerate(zip(errors, expected)) if got != want]
+    assert not wrong, f"{len(wrong)} of {len(payloads)} rows differ from the exact path's, e.g. {wrong[:3]}"
+
+
+def check_decode_chunks_under_the_pixel_budget(device: str, cfg: JobCfg | None = None) -> None:
+    """A batch of large images decoded in chunks under read.device_decode_pixels gives the bytes of one call."""
+    import torch
+
+    from pipeline.embed.device_decode import DeviceDecoder
+
+    sizes = [(1600, 1200), (640, 480), (2000, 1000), (300, 299), (1200, 1600)]
+    payloads = [encode_image(shape_image((90, 120, 200), "ellipse", size, seed), "JPEG", quality=90)
+                for seed, size in enumerate(sizes)]
+    whole = DeviceDecoder(torch.device(device), SIZE, MAX_PIXELS)
+    chunked = DeviceDecoder(torch.device(device), SIZE, MAX_PIXELS, chunk_pixels=2_500_000)
+    images = chunked(payloads)[0]
+    assert chunked.decode_calls == 3, chunked.decode_calls  # [1600x1200, 640x480], [2000x1000, 300x299], [1200x1600]
+    assert bool((images == whole(payloads)[0]).all()) and whole.decode_calls == 1
+
+
+def check_encoder_fixed_shape_and_streams(device: str, cfg: JobCfg) -> None:
+    """The towers see encoder.batch_size rows whatever the batch; a row's embedding does not depend on its batch;
+    two batches in flight on two threads (each its own CUDA stream) give what they give one at a time."""
+    import dataclasses
+
+    import torch
+
+    from pipeline.bench.photos import caption
+    from pipeline.embed.encode import Encoder
+    from pipeline.embed.model import decide_random_weights
+    from pipeline.embed.preprocess import load_tokenizer, resolve_tokenizer, tokenize
+
+    cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, device=device, batch_size=64),
+                              read=dataclasses.replace(cfg.read, decode_on="tasks"))
+    random_weights = decide_random_weights(cfg)
+    encoder = Encoder(cfg, random_weights)
+    seen = []
+    encoder.image_model.register_forward_pre_hook(lambda m, a, kw: seen.append(len(kw["pixel_values"])),
+                                                  with_kwargs=True)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (128, SIZE, SIZE, 3), dtype=np.uint8)
+    ids = tokenize(load_tokenizer(*resolve_tokenizer(cfg, random_weights)), [caption(rng) for _ in range(128)])
+    full = encoder.embed(pixels[:64], ids[:64])
+    partial = encoder.embed(pixels[:10], ids[:10])
+    assert set(seen) == {64}, seen
+    for a, b in zip(partial, full):
+        assert np.abs(a - b[:10]).max() <= 1e-3, np.abs(a - b[:10]).max()
+    alone = [encoder.embed(pixels[i * 64 : (i + 1) * 64], ids[i * 64 : (i + 1) * 64]) for i in range(2)]
+    together: list = [None, None]
+
+    def run(i: int) -> None:
+        with encoder._stream():
+            together[i] = encoder.embed(pixels[i * 64 : (i + 1) * 64], ids[i * 64 : (i + 1) * 64])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(2):
+        for a, b in zip(together[i], alone[i]):
+            assert np.abs(a - b).max() <= 1e-3, f"batch {i} in flight with another: {np.abs(a - b).max():.2e}"
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+CHECKS = {check.__name__.removeprefix("check_"): check for check in (
+    check_resize_same_bytes_as_on_cpu, check_device_decode_in_one_batch, check_corrupted_jpegs_get_the_exact_rows,
+    check_decode_chunks_under_the_pixel_budget, check_encoder_fixed_shape_and_streams)}
+
+
+def run_gpu_checks(cfg: JobCfg) -> dict:
+    """{check: "passed" or the failure} on CUDA; {"skipped": reason} where torch sees no GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA GPU visible to torch"}
+    results = {}
+    for name, check in CHECKS.items():
+        try:
+            check("cuda", cfg)
+            results[name] = "passed"
+        except Exception:  # noqa: BLE001 - every check runs and is reported
+            results[name] = "FAILED: " + traceback.format_exc(limit=3)[-1500:]
+    return results
