@@ -102,7 +102,8 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
         rng = np.random.default_rng(7)
         report["fidelity"] = measure_fidelity(cfg, photo_pool(fidelity_photos, seed=7),
                                               [caption(rng) for _ in range(fidelity_photos)],
-                                              "cuda" if gpu_available() else "cpu")
+                                              "cuda" if gpu_available() else "cpu",
+                                              lower_precision=next((p for p in precisions if p != "fp32"), None))
     return report
 
 

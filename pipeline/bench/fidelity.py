@@ -21,8 +21,10 @@ def exact_pixels(payloads: list[bytes], size: int, max_pixels: int) -> list[np.n
     return pixels
 
 
-def measure_fidelity(cfg: JobCfg, photos: list[bytes], captions: list[str], device: str) -> dict:
-    """Exact path (PIL, CPU) against the device path (DeviceDecoder on `device`), image by image."""
+def measure_fidelity(cfg: JobCfg, photos: list[bytes], captions: list[str], device: str,
+                     lower_precision: str | None = None) -> dict:
+    """Exact path (PIL, CPU) against the device path (DeviceDecoder on `device`), image by image, through the
+    towers at fp32; with lower_precision (fp16 on a GPU), also the towers at it against fp32 on the exact pixels."""
     import torch
 
     from pipeline.embed.device_decode import DeviceDecoder
@@ -48,12 +50,12 @@ def measure_fidelity(cfg: JobCfg, photos: list[bytes], captions: list[str], devi
 
     image_exact = encoder.embed_images(exact)
     image_device = encoder.embed_images(images)
-    text = encoder.embed_texts(tokenize(load_tokenizer(*resolve_tokenizer(fp32, True)), [captions[i] for i in keep]))
+    input_ids = tokenize(load_tokenizer(*resolve_tokenizer(fp32, True)), [captions[i] for i in keep])
+    text = encoder.embed_texts(input_ids)
     delta = (image_device - image_exact).abs().cpu().numpy()
     similarity_exact = (image_exact * text).sum(-1).cpu().numpy()
     similarity_device = (image_device * text).sum(-1).cpu().numpy()
-    similarity_delta = np.abs(similarity_device - similarity_exact)
-    return {
+    figures = {
         "photos": len(keep), "device": str(encoder.device), "decoder": decoder.backend,
         "took_device_path": decoder.on_device, "took_exact_cpu_path": decoder.on_cpu,
         "weights": "random (default init) of the real architectures",
@@ -61,10 +63,25 @@ def measure_fidelity(cfg: JobCfg, photos: list[bytes], captions: list[str], devi
         "pixel_levels_p99": float(np.percentile(levels, 99)),
         "pixel_levels_max": int(levels.max()),
         "embedding_max_component_diff": float(delta.max()),
-        "similarity_abs_diff_p50": float(np.percentile(similarity_delta, 50)),
-        "similarity_abs_diff_p99": float(np.percentile(similarity_delta, 99)),
-        "similarity_abs_diff_max": float(similarity_delta.max()),
-        # the share of pairs a min_similarity rule at each threshold keeps on one path and drops on the other
-        "decided_differently": {str(t): float(np.mean((similarity_exact >= t) != (similarity_device >= t)))
-                                for t in (0.2, 0.25, 0.3)},
+        **similarity_deviation(similarity_exact, similarity_device),
     }
+    if lower_precision:
+        lower = Encoder(dataclasses.replace(fp32, model=dataclasses.replace(fp32.model, precision=lower_precision)),
+                        random_weights=True)
+        image_lower, text_lower = lower.embed_images(exact), lower.embed_texts(input_ids)
+        figures["towers_vs_fp32"] = {
+            "precision": lower_precision,
+            "image_embedding_max_component_diff": float((image_lower - image_exact).abs().max()),
+            "text_embedding_max_component_diff": float((text_lower - text).abs().max()),
+            **similarity_deviation(similarity_exact, (image_lower * text_lower).sum(-1).cpu().numpy())}
+    return figures
+
+
+def similarity_deviation(reference: np.ndarray, other: np.ndarray) -> dict:
+    """|delta similarity| p50 / p99 / max, and the share of pairs a min_similarity rule at 0.2 / 0.25 / 0.3 keeps
+    on one side and drops on the other."""
+    delta = np.abs(other - reference)
+    return {"similarity_abs_diff_p50": float(np.percentile(delta, 50)),
+            "similarity_abs_diff_p99": float(np.percentile(delta, 99)),
+            "similarity_abs_diff_max": float(delta.max()),
+            "decided_differently": {str(t): float(np.mean((reference >= t) != (other >= t))) for t in (0.2, 0.25, 0.3)}}

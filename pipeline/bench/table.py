@@ -58,6 +58,13 @@ def format_table(report: dict) -> str:
                      f"{f['similarity_abs_diff_p50']:.1e}, p99 {f['similarity_abs_diff_p99']:.1e}, max "
                      f"{f['similarity_abs_diff_max']:.1e}; decided differently at min_similarity "
                      + ", ".join(f"{t}: {share:.2%}" for t, share in f["decided_differently"].items()))
+    if "towers_vs_fp32" in report.get("fidelity", {}):
+        f = report["fidelity"]["towers_vs_fp32"]
+        lines.append(f"towers at {f['precision']} vs fp32 (exact pixels): max |diff| per component image "
+                     f"{f['image_embedding_max_component_diff']:.2e}, text {f['text_embedding_max_component_diff']:.2e}; "
+                     f"|delta similarity| p50 {f['similarity_abs_diff_p50']:.1e}, p99 {f['similarity_abs_diff_p99']:.1e}, "
+                     f"max {f['similarity_abs_diff_max']:.1e}; decided differently at min_similarity "
+                     + ", ".join(f"{t}: {share:.2%}" for t, share in f["decided_differently"].items()))
     if "memory_scaling" in report:
         m = report["memory_scaling"]
         lines.append(f"memory ({m['precision']}, decode_on={m['decode_on']}): {m['pairs_small']} -> {m['pairs_large']} "
