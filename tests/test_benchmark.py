@@ -37,6 +37,9 @@ def check_fidelity(report: dict) -> None:
     # on CPU, PIL stands in for nvJPEG and the batched resize is PIL's: the device path is the exact path
     assert fidelity["pixel_levels_max"] == 0 and fidelity["embedding_max_component_diff"] == 0
     assert fidelity["similarity_abs_diff_max"] == 0 and set(fidelity["decided_differently"].values()) == {0.0}
+    corrupted = fidelity["corrupted_jpegs"]  # 10 per photo: every one the exact path fails on kept from the device
+    assert corrupted["jpegs"] == 40 and corrupted["exact_path_fails"] + corrupted["exact_path_decodes"] == 40
+    assert corrupted["of_those_kept_from_the_device"] == corrupted["exact_path_fails"] > 0
 
 
 def test_benchmark_smoke(tmp_path):

@@ -3,12 +3,13 @@
     benchmark.py    the embed benchmark: ceiling before and after the end-to-end runs, per precision/placement
     ceiling.py      the encoders' ceiling: the towers alone on ready tensors, one probe per encoder actor
     end_to_end.py   the whole embed job on generated shards, and its memory as the input grows
-    inprocess.py    the embed job's stages without Ray (the lent GPU machine has none)
+    inprocess.py    the embed job's stages without Ray (the lent GPU machine has none): one process per encoder
     decode_rate.py  decode + resize + tokenize per core, and the GPU's decode rate
-    fidelity.py     how far read.decode_on=encoder is from the exact path: pixels and embeddings
+    fidelity.py     how far read.decode_on=encoder is from the exact path (pixels, embeddings), and fp16 from fp32
     samplers.py     memory of every process, the GPU's busy fraction, the machine's facts
-    photos.py       generated photo-like JPEGs and Wukong-like captions as cached shards
+    photos.py       generated photo-like JPEGs and Wukong-like captions as cached shards; corrupted JPEGs
     table.py        the printed table
     dedup.py        the filter job's dedup at scale: planted near-duplicates, recall, time, memory
     chaos.py        the embed job under kills of its workers, actors, nodes and driver: lost, duplicated, errored
+    gpu_checks.py   the CUDA paths checked on the GPU without pytest: the GPU benchmark runs them first
 """

@@ -97,13 +97,14 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
                                                   random_weights, tokenizer)
     # last: its two towers, loaded in this process, must not count in the runs' memory
     if fidelity_photos:
-        from pipeline.bench.fidelity import measure_fidelity
+        from pipeline.bench.fidelity import corrupted_routing, measure_fidelity
 
         rng = np.random.default_rng(7)
         report["fidelity"] = measure_fidelity(cfg, photo_pool(fidelity_photos, seed=7),
                                               [caption(rng) for _ in range(fidelity_photos)],
                                               "cuda" if gpu_available() else "cpu",
                                               lower_precision=next((p for p in precisions if p != "fp32"), None))
+        report["fidelity"]["corrupted_jpegs"] = corrupted_routing(min(10 * fidelity_photos, 2000), seed=0)
     return report
 
 

@@ -85,3 +85,20 @@ def similarity_deviation(reference: np.ndarray, other: np.ndarray) -> dict:
             "similarity_abs_diff_p99": float(np.percentile(delta, 99)),
             "similarity_abs_diff_max": float(delta.max()),
             "decided_differently": {str(t): float(np.mean((reference >= t) != (other >= t))) for t in (0.2, 0.25, 0.3)}}
+
+
+def corrupted_routing(count: int, seed: int, size: int = 224, max_pixels: int = 89_478_485) -> dict:
+    """JPEGs corrupted after their first bytes (photos.corrupted_jpegs): of those the exact path fails on, how
+    many the read tasks keep from the device decoder (all must be: a GPU decoder may decode what libjpeg
+    rejects); of those it decodes, how many are kept from it too (they only cost speed)."""
+    from pipeline.bench.photos import corrupted_jpegs
+    from pipeline.embed.device_decode import device_decodable
+
+    failed = failed_routed = decoded = decoded_routed = 0
+    for payload in corrupted_jpegs(count, seed):
+        exact_fails = exact_pixels([payload], size, max_pixels)[0] is None
+        to_exact = not device_decodable(payload, size, max_pixels)
+        failed, failed_routed = failed + exact_fails, failed_routed + (exact_fails and to_exact)
+        decoded, decoded_routed = decoded + (not exact_fails), decoded_routed + (not exact_fails and to_exact)
+    return {"jpegs": count, "exact_path_fails": failed, "of_those_kept_from_the_device": failed_routed,
+            "exact_path_decodes": decoded, "of_those_kept_from_the_device_too": decoded_routed}

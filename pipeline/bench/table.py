@@ -58,6 +58,11 @@ def format_table(report: dict) -> str:
                      f"{f['similarity_abs_diff_p50']:.1e}, p99 {f['similarity_abs_diff_p99']:.1e}, max "
                      f"{f['similarity_abs_diff_max']:.1e}; decided differently at min_similarity "
                      + ", ".join(f"{t}: {share:.2%}" for t, share in f["decided_differently"].items()))
+    if "corrupted_jpegs" in report.get("fidelity", {}):
+        c = report["fidelity"]["corrupted_jpegs"]
+        lines.append(f"corrupted JPEGs ({c['jpegs']}): the exact path fails on {c['exact_path_fails']}, "
+                     f"{c['of_those_kept_from_the_device']} of them kept from the device decoder; it decodes "
+                     f"{c['exact_path_decodes']}, {c['of_those_kept_from_the_device_too']} of those kept from it too")
     if "towers_vs_fp32" in report.get("fidelity", {}):
         f = report["fidelity"]["towers_vs_fp32"]
         lines.append(f"towers at {f['precision']} vs fp32 (exact pixels): max |diff| per component image "
