@@ -214,3 +214,32 @@ def test_the_table_says_na_for_what_a_run_did_not_measure():
                                 "decode_on": {"tasks": {"end_to_end": e2e, "whole_run_ratio": 0.625}}}}}
     row = format_table(report).splitlines()[1]
     assert row.split() == ["fp32", "tasks", "20.00", "n/a", "n/a", "12.50", "0.625", "n/a", "n/a", "1.0", "900", "2100"]
+
+
+def test_without_ray_every_sample_is_embedded_once_across_shard_files_and_the_spool_is_emptied(
+        tiny_models, tmp_path, monkeypatch):
+    """The driver without Ray cuts batches out of the spooled shard files (5 rows each, batches of 4: most
+    batches span two files, two encoder processes take them): every key comes out once, each file is
+    removed once all its rows are embedded, and the spool folder goes at the end."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    from conftest import job_config, make_shards
+    from pipeline.bench import inprocess
+    from pipeline.embed.preprocess import resolve_tokenizer
+
+    shards = make_shards(tmp_path / "shards", 7, 5)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setattr(inprocess, "spool_folder", lambda: str(spool))
+    removed = []
+    remove = os.remove
+    monkeypatch.setattr(inprocess.os, "remove", lambda path: (removed.append(path), remove(path)))
+    cfg = job_config(tiny_models, "unused", "unused", "encoder.actors=2", "encoder.batch_size=4", "ray.num_cpus=2")
+    figures = inprocess.run_without_ray(cfg, [str(s) for s in shards], False,
+                                        resolve_tokenizer(cfg, random_weights=False), tmp_path / "out")
+    keys = sorted(k for p in (tmp_path / "out").glob("*.parquet") for k in pq.read_table(p).column("key").to_pylist())
+    assert keys == sorted(f"{s:05d}{i:04d}" for s in range(7) for i in range(5))
+    assert figures["pairs"] == figures["ok"] == 35 and figures["encoders_seen"] == 2
+    assert len(removed) == len(set(removed)) == 7 and not spool.exists()

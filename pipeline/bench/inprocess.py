@@ -4,8 +4,10 @@ Read + tokenize (+ decode, with read.decode_on=tasks) run in a pool of worker pr
 process of its own (EncoderProcess: spawned, with its own CUDA context and host thread, as a Ray actor is),
 running encoder.batches_in_flight batches at once on threads: the job's own stage functions (read.read_shards,
 preprocess.preprocess, encode.Encoder), without Ray's object store, scheduling or the Parquet commit protocol.
-encoder.actors encoders share the machine's GPUs at encoder.num_gpus each (0.5: two per GPU). Batches reach an
-encoder through a pipe (pickled Arrow tables), where Ray would use its shared-memory object store. Figures
+encoder.actors encoders share the machine's GPUs at encoder.num_gpus each (0.5: two per GPU). As with Ray's
+shared-memory object store, the rows do not travel through this process: a read worker writes each prepared
+shard as an Arrow file in shared memory (/dev/shm), an encoder maps the files its batch's rows are in
+(zero-copy), and the driver only sends each encoder the (file, first row, rows) of its batch. Figures
 measured this way are labelled "without Ray".
 """
 
@@ -14,8 +16,11 @@ from __future__ import annotations
 import collections
 import os
 import queue
+import shutil
+import tempfile
 import time
 import traceback
+import uuid
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
@@ -52,11 +57,33 @@ def gpus_of(cfg: JobCfg, index: int) -> str | None:
     return ",".join(devices[(index * per_actor + i) % len(devices)] for i in range(per_actor))
 
 
-def prepare_shard(url: str, cfg: JobCfg, tokenizer: tuple[str, str | None]) -> pa.Table:
-    """One shard's sample rows, decoded (or not, decode_on=encoder) and tokenized; marker rows dropped."""
+def prepare_shard(url: str, cfg: JobCfg, tokenizer: tuple[str, str | None], spool: str) -> tuple[str, int]:
+    """One shard's sample rows, decoded (or not, decode_on=encoder) and tokenized, marker rows dropped, written
+    as an Arrow file under `spool`: (its path, its rows)."""
     blocks = [preprocess(raw, cfg, tokenizer) for raw in read_shards(pa.table({"shard": [url]}), cfg)]
     table = pa.concat_tables(blocks)
-    return table.filter(pc.greater_equal(table.column("position"), 0))
+    table = table.filter(pc.greater_equal(table.column("position"), 0))
+    path = os.path.join(spool, f"{uuid.uuid4().hex}.arrow")
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return path, table.num_rows
+
+
+def mapped_rows(segments: list[tuple[str, int, int]]) -> pa.Table:
+    """The rows (file, first row, rows) name, from the spooled files mapped in place (no copy)."""
+    tables = []
+    for path, first, rows in segments:
+        with pa.memory_map(path) as source:
+            tables.append(pa.ipc.open_file(source).read_all().slice(first, rows))
+    return pa.concat_tables(tables)
+
+
+def spool_folder(min_free: int = 4 * 2**30) -> str:
+    """Shared memory where the machine has enough of it (a file there is memory, as in Ray's object store; a
+    container's /dev/shm is often 64 MB), else the temp folder (the page cache holds it)."""
+    shm = "/dev/shm"
+    use_shm = os.path.isdir(shm) and shutil.disk_usage(shm).free >= min_free
+    return tempfile.mkdtemp(prefix="taiyi-bench-", dir=shm if use_shm else None)
 
 
 def _one_thread() -> None:
@@ -78,9 +105,9 @@ def serve_encoder(cfg: JobCfg, random_weights: bool, index: int, gpus: str | Non
         encoder = Encoder(cfg, random_weights)
         results.put(("ready", index, round(time.perf_counter() - started, 3)))
         with ThreadPoolExecutor(cfg.encoder.batches_in_flight) as threads:
-            def embed(seq: int, batch: pa.Table) -> None:
+            def embed(seq: int, segments: list) -> None:
                 try:
-                    results.put(("embedded", index, (seq, encoder(batch))))
+                    results.put(("embedded", index, (seq, encoder(mapped_rows(segments)))))
                 except BaseException:  # noqa: BLE001 - the driver raises it
                     results.put(("failed", index, traceback.format_exc()))
 
@@ -129,11 +156,12 @@ class EncoderProcesses:
                 raise RuntimeError(f"encoder process {index} said {got!r}, expected {kind!r}")
             return index, value
 
-    def submit(self, seq: int, batch: pa.Table) -> None:
-        """To the encoder with the fewest batches (at most batches_in_flight + 1 each: the caller waits)."""
+    def submit(self, seq: int, segments: list[tuple[str, int, int]]) -> None:
+        """A batch, as the (file, first row, rows) it is made of, to the encoder with the fewest batches (at most
+        batches_in_flight + 1 each: the caller waits)."""
         index = int(np.argmin(self.busy))
         self.busy[index] += 1
-        self.inboxes[index].put(("batch", seq, batch))
+        self.inboxes[index].put(("batch", seq, segments))
 
     def ceiling(self, input_ids: np.ndarray, seconds: float) -> list[dict]:
         """Each encoder's towers timed alone, all at once."""
@@ -166,14 +194,23 @@ def run_without_ray(cfg: JobCfg, shard_urls: list[str], random_weights: bool, to
     """Embed every sample of `shard_urls`, writing one Parquet file per encoder batch under `out`."""
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    workers = read_workers(cfg)
+    workers, spool = read_workers(cfg), spool_folder()
     # spawned, not forked: the encoder processes hold CUDA contexts
     readers = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_one_thread)
     clock, counts = SteadyClock(), collections.Counter()
-    todo, reading, buffered = collections.deque(shard_urls), set(), []
+    todo, reading = collections.deque(shard_urls), set()
+    pending: collections.deque = collections.deque()  # (file, first row, rows) not yet in a batch
+    batches: dict[int, list] = {}  # batch number -> its segments, until embedded
+    users = collections.Counter()  # file -> batches in flight that read it
+    size = cfg.encoder.batch_size
 
-    def finish(encoder: int, table: pa.Table) -> None:
+    def finish(encoder: int, seq: int, table: pa.Table) -> None:
         encoders.busy[encoder] -= 1
+        for path, _, _ in batches.pop(seq):
+            users[path] -= 1
+            if not users[path] and not any(path == waiting[0] for waiting in pending):
+                os.remove(path)  # every row of it embedded
+                del users[path]
         counts["pairs"] += table.num_rows
         counts["ok"] += pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
         clock.add(table["encoder"][0].as_py(), table["encode_started"][0].as_py(), table["encoded_at"][0].as_py(),
@@ -184,14 +221,25 @@ def run_without_ray(cfg: JobCfg, shard_urls: list[str], random_weights: bool, to
 
     def collect(block: bool) -> None:
         while (got := encoders.receive("embedded", timeout=None if block else 0)) is not None:
-            finish(got[0], got[1][1])
+            finish(got[0], *got[1])
             block = False
 
-    def encode(batch: pa.Table) -> None:
-        # back-pressure: one batch queued behind those running on each encoder
+    def send(rows: int) -> None:
+        """The next `rows` pending rows as one batch, to an encoder (back-pressure: one batch queued behind those
+        running on each encoder)."""
         while min(encoders.busy) > cfg.encoder.batches_in_flight:
             collect(block=True)
-        encoders.submit(counts["sent"], batch)
+        segments = []
+        while rows:
+            path, first, available = pending.popleft()
+            take = min(rows, available)
+            segments.append((path, first, take))
+            if take < available:
+                pending.appendleft((path, first + take, available - take))
+            users[path] += 1
+            rows -= take
+        batches[counts["sent"]] = segments
+        encoders.submit(counts["sent"], segments)
         counts["sent"] += 1
 
     with readers:
@@ -200,28 +248,25 @@ def run_without_ray(cfg: JobCfg, shard_urls: list[str], random_weights: bool, to
             loaded = time.time()
             while todo or reading:
                 while todo and len(reading) < 2 * workers:  # bounded read-ahead
-                    reading.add(readers.submit(prepare_shard, todo.popleft(), cfg, tokenizer))
+                    reading.add(readers.submit(prepare_shard, todo.popleft(), cfg, tokenizer, spool))
                 done, reading = wait(reading, return_when=FIRST_COMPLETED, timeout=0.05 if any(encoders.busy) else None)
                 for future in done:
-                    buffered.append(future.result())
-                rows = sum(t.num_rows for t in buffered)
-                if rows >= cfg.encoder.batch_size or (not todo and not reading and rows):
-                    table = pa.concat_tables(buffered)
-                    for begin in range(0, table.num_rows, cfg.encoder.batch_size):
-                        batch = table.slice(begin, cfg.encoder.batch_size)
-                        if batch.num_rows == cfg.encoder.batch_size or (not todo and not reading):
-                            encode(batch)
-                        else:
-                            buffered = [batch]
-                            break
+                    path, rows = future.result()
+                    if rows:
+                        pending.append((path, 0, rows))
                     else:
-                        buffered = []
+                        os.remove(path)
+                while sum(rows for _, _, rows in pending) >= size:
+                    send(size)
                 collect(block=False)
+            if pending:  # the last, partial batch
+                send(sum(rows for _, _, rows in pending))
             while any(encoders.busy):
                 collect(block=True)
             finished = time.time()
         finally:
             decoded = encoders.close()
+            shutil.rmtree(spool, ignore_errors=True)
     steady = clock.steady_rate(finished)
     return {"pairs": counts["pairs"], "ok": counts["ok"], "wall_s": round(finished - started, 3),
             "startup_s": round(clock.window_start() - started, 3) if steady else None,
