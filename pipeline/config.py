@@ -96,6 +96,10 @@ class EncoderCfg:
     # batches one actor works on at once (threads in the actor): 2 on a GPU lets the next batch be unpacked,
     # copied and decoded while the current one runs on the device; 1 on CPU, where threads would compete
     batches_in_flight: int = 1
+    # CUDA: capture each tower once per batch in flight as a CUDA graph at encoder.batch_size and replay it for
+    # every batch (one launch instead of ~1,000 kernel launches from the actor's host thread); off until a GPU
+    # measurement shows the gain (the GPU benchmark measures the ceiling with and without)
+    cuda_graphs: bool = False
     # node labels the encoder actors are scheduled on (Ray label_selector), e.g. {node-kind: gpu}; {} = any
     node_labels: dict[str, str] = field(default_factory=dict)
 
@@ -313,6 +317,8 @@ def validate(cfg: JobCfg) -> None:
     if cfg.encoder.num_gpus > 1 and cfg.encoder.num_gpus != int(cfg.encoder.num_gpus):
         raise ValueError(f"encoder.num_gpus: a fraction of one GPU (0.5: two actors per GPU) or a whole number "
                          f"of GPUs per actor, got {cfg.encoder.num_gpus:g}")
+    if cfg.encoder.cuda_graphs and (cfg.encoder.num_gpus == 0 or cfg.encoder.device == "cpu"):
+        raise ValueError("encoder.cuda_graphs: needs the towers on a GPU (encoder.num_gpus > 0, device auto or cuda)")
     if cfg.encoder.device == "cuda" and cfg.encoder.num_gpus == 0:
         raise ValueError("encoder.device: cuda needs encoder.num_gpus > 0 (Ray hides GPUs from actors without one)")
     if cfg.encoder.num_gpus == 0 and cfg.model.precision == "fp16":

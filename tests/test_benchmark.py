@@ -50,6 +50,10 @@ def test_benchmark_smoke(tmp_path):
                   "tokenize_captions_per_s_per_core", "mean_jpeg_kb"):
         assert report["cpu"][field] > 0
     assert set(report["runs"]) == {"fp32", "bf16"}
+    # bf16: the ceiling again with the weights cast by autocast on every batch, as before they were cast once
+    variants = report["runs"]["bf16"]["ceiling_variants"]
+    assert set(variants) == {"as_configured", "weights_cast_per_batch"} and variants["weights_cast_per_batch"][
+        "pairs_per_s"] > 0 and "bf16 ceiling as configured" in stdout and "ceiling_variants" not in report["runs"]["fp32"]
     assert report["encoder_actors"] == 2  # configs/benchmark.yaml: one single-threaded actor per core
     for run in report["runs"].values():
         assert run["encoder_ceiling"]["pairs_per_s"] > 0 and run["encoder_ceiling"]["model_load_s"] > 0

@@ -73,7 +73,10 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
     for precision in precisions:
         # the ceiling is measured right before and right after the end-to-end runs, and the higher one is
         # used: on a shared machine the CPU's speed drifts, and the ratio must not flatter the pipeline
-        before = measure_ceiling(configured(precision), random_weights, input_ids, ceiling_seconds, use_ray)
+        # and the towers as they were before weights were cast once, and with CUDA graphs: what each gains
+        variants = (("weights_cast_per_batch",) if precision != "fp32" else ()) + (
+            ("cuda_graphs",) if gpu_available() and cfg.encoder.num_gpus > 0 and not cfg.encoder.cuda_graphs else ())
+        before = measure_ceiling(configured(precision), random_weights, input_ids, ceiling_seconds, use_ray, variants)
         runs = {}
         for placement in placements:
             with tempfile.TemporaryDirectory() as tmp:
@@ -88,6 +91,9 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
             run["whole_run_ratio"] = round(e2e["pairs"] / e2e["wall_s"] / ceiling["pairs_per_s"], 3)
         report["runs"][precision] = {"encoder_ceiling": ceiling, "ceiling_before_pairs_per_s": before["pairs_per_s"],
                                      "ceiling_after_pairs_per_s": after["pairs_per_s"], "decode_on": runs}
+        if variants:
+            report["runs"][precision]["ceiling_variants"] = {"as_configured": before["pairs_per_s"],
+                                                             **before["variants"]}
         if cfg.encoder.num_gpus > 0 and list(encoders_per_gpu) != [1]:
             report["runs"][precision]["encoders_per_gpu"] = sharing_gpus(
                 configured(precision, "encoder"), encoders_per_gpu, shards, random_weights, tokenizer, input_ids,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -18,16 +19,50 @@ class CeilingProbe:
         started = time.perf_counter()
         self.encoder = Encoder(cfg, random_weights)
         self.load_s = time.perf_counter() - started
-        self.batch_size = cfg.encoder.batch_size
-        self.size = cfg.read.image_size
 
-    def measure(self, input_ids: np.ndarray, min_seconds: float, min_batches: int) -> dict:
-        return dict(time_towers(self.encoder, input_ids, min_seconds, min_batches), model_load_s=round(self.load_s, 3))
+    def measure(self, input_ids: np.ndarray, min_seconds: float, min_batches: int, variant: str | None = None) -> dict:
+        return dict(time_towers(self.encoder, input_ids, min_seconds, min_batches, variant),
+                    model_load_s=round(self.load_s, 3))
 
 
-def time_towers(encoder, input_ids: np.ndarray, min_seconds: float, min_batches: int) -> dict:
+# the towers as they were before the fixed-shape work (weights cast by autocast on every batch), and with CUDA
+# graphs (encoder.cuda_graphs): the benchmark's ceiling "before" and "after"
+VARIANTS = ("weights_cast_per_batch", "cuda_graphs")
+
+
+@contextlib.contextmanager
+def tower_variant(encoder, variant: str | None):
+    if variant == "weights_cast_per_batch":
+        encoder.cast_weights(once=False)
+        try:
+            yield
+        finally:
+            encoder.cast_weights(once=True)
+    elif variant == "cuda_graphs":
+        before, encoder.cuda_graphs = encoder.cuda_graphs, True
+        try:
+            yield
+        finally:
+            encoder.cuda_graphs = before
+    elif variant is None:
+        yield
+    else:
+        raise ValueError(f"unknown tower variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+
+
+def time_towers(encoder, input_ids: np.ndarray, min_seconds: float, min_batches: int,
+                variant: str | None = None) -> dict:
     """pairs/s of an Encoder's two towers on one batch of random pixels, ready on its device, embedded again and
-    again for at least `min_seconds` and `min_batches`."""
+    again for at least `min_seconds` and `min_batches`; `variant`: one of VARIANTS instead of the config's."""
+    with tower_variant(encoder, variant):
+        figures = _time_towers(encoder, input_ids, min_seconds, min_batches)
+        graphs = getattr(encoder._thread, "graphs", {}) if variant == "cuda_graphs" else {}
+        if any(graph.failed for graph in graphs.values()):
+            figures["cuda_graph_capture_failed"] = sorted(name for name, graph in graphs.items() if graph.failed)
+    return figures
+
+
+def _time_towers(encoder, input_ids: np.ndarray, min_seconds: float, min_batches: int) -> dict:
     rng = np.random.default_rng(0)
     size = encoder.image_size
     pixels = rng.integers(0, 256, (encoder.batch_size, size, size, 3), dtype=np.uint8)
@@ -44,9 +79,11 @@ def time_towers(encoder, input_ids: np.ndarray, min_seconds: float, min_batches:
             "device": str(encoder.device)}
 
 
-def measure_ceiling(cfg: JobCfg, random_weights: bool, input_ids: np.ndarray, seconds: float, use_ray: bool) -> dict:
+def measure_ceiling(cfg: JobCfg, random_weights: bool, input_ids: np.ndarray, seconds: float, use_ray: bool,
+                    variants: tuple[str, ...] = ()) -> dict:
     """One probe per encoder actor, with its resources, all timed at once: the pool's ceiling is their sum.
-    Without Ray, one per encoder process, as the job's run without Ray has them."""
+    Without Ray, one per encoder process, as the job's run without Ray has them. `variants` (VARIANTS): the
+    same probes timed again with the towers so, each reported beside the config's as "variants"."""
     if use_ray:
         import ray
 
@@ -59,6 +96,7 @@ def measure_ceiling(cfg: JobCfg, random_weights: bool, input_ids: np.ndarray, se
         try:
             ray.get([p.__ray_ready__.remote() for p in probes])  # every model loaded before any timing starts
             each = ray.get([p.measure.remote(input_ids, seconds, 3) for p in probes])
+            varied = {v: ray.get([p.measure.remote(input_ids, seconds, 3, v) for p in probes]) for v in variants}
         finally:
             for p in probes:
                 ray.kill(p)
@@ -68,8 +106,15 @@ def measure_ceiling(cfg: JobCfg, random_weights: bool, input_ids: np.ndarray, se
         encoders = EncoderProcesses(cfg, random_weights)
         try:
             each = encoders.ceiling(input_ids, seconds)
+            varied = {v: encoders.ceiling(input_ids, seconds, v) for v in variants}
         finally:
             encoders.close()
-    return {"pairs_per_s": round(sum(m["pairs_per_s"] for m in each), 3),
+    figures = {"pairs_per_s": round(sum(m["pairs_per_s"] for m in each), 3),
             "per_actor_pairs_per_s": [m["pairs_per_s"] for m in each], "batches": sum(m["batches"] for m in each),
             "model_load_s": max(m["model_load_s"] for m in each), "device": each[0]["device"]}
+    if variants:
+        figures["variants"] = {v: {"pairs_per_s": round(sum(m["pairs_per_s"] for m in runs), 3),
+                                   **({"cuda_graph_capture_failed": runs[0]["cuda_graph_capture_failed"]}
+                                      if "cuda_graph_capture_failed" in runs[0] else {})}
+                               for v, runs in varied.items()}
+    return figures

@@ -158,9 +158,53 @@ def check_encoder_fixed_shape_and_streams(device: str, cfg: JobCfg) -> None:
         torch.cuda.synchronize()
 
 
+def check_cuda_graphs_give_the_eager_embeddings(device: str, cfg: JobCfg) -> None:
+    """encoder.cuda_graphs: each thread captures its own graphs (no capture failure), and full, partial and
+    concurrent batches give the eager towers' embeddings. On CPU (the dry run) only the eager side runs."""
+    import dataclasses
+
+    from pipeline.bench.photos import caption
+    from pipeline.embed.encode import Encoder
+    from pipeline.embed.model import decide_random_weights
+    from pipeline.embed.preprocess import load_tokenizer, resolve_tokenizer, tokenize
+
+    cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, device=device, batch_size=64),
+                              read=dataclasses.replace(cfg.read, decode_on="tasks"))
+    random_weights = decide_random_weights(cfg)
+    encoder = Encoder(cfg, random_weights)
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (128, SIZE, SIZE, 3), dtype=np.uint8)
+    ids = tokenize(load_tokenizer(*resolve_tokenizer(cfg, random_weights)), [caption(rng) for _ in range(128)])
+    eager = [encoder.embed(pixels[i * 64 : (i + 1) * 64], ids[i * 64 : (i + 1) * 64]) for i in range(2)]
+    eager_partial = encoder.embed(pixels[:10], ids[:10])
+    if device != "cuda":
+        return
+    encoder.cuda_graphs = True
+    graphed: list = [None, None]
+
+    def run(i: int) -> None:
+        with encoder._stream():
+            encoder.embed(pixels[i * 64 : (i + 1) * 64], ids[i * 64 : (i + 1) * 64])  # captures
+            graphed[i] = (encoder.embed(pixels[i * 64 : (i + 1) * 64], ids[i * 64 : (i + 1) * 64]),
+                          encoder.embed(pixels[:10], ids[:10]), dict(encoder._thread.graphs))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(2):
+        full, partial, graphs = graphed[i]
+        assert set(graphs) == {"image", "text"} and not any(g.failed for g in graphs.values()), graphs
+        for a, b in list(zip(full, eager[i])) + list(zip(partial, eager_partial)):
+            assert np.abs(a - b).max() <= 1e-3, f"graph vs eager: {np.abs(a - b).max():.2e}"
+    assert graphed[0][2]["image"] is not graphed[1][2]["image"]  # one graph per thread
+
+
 CHECKS = {check.__name__.removeprefix("check_"): check for check in (
     check_resize_same_bytes_as_on_cpu, check_device_decode_in_one_batch, check_corrupted_jpegs_get_the_exact_rows,
-    check_decode_chunks_under_the_pixel_budget, check_encoder_fixed_shape_and_streams)}
+    check_decode_chunks_under_the_pixel_budget, check_encoder_fixed_shape_and_streams,
+    check_cuda_graphs_give_the_eager_embeddings)}
 
 
 def run_gpu_checks(cfg: JobCfg) -> dict:

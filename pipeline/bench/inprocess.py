@@ -94,7 +94,8 @@ def _one_thread() -> None:
 
 def serve_encoder(cfg: JobCfg, random_weights: bool, index: int, gpus: str | None, inbox, results) -> None:
     """An encoder process: loads the towers, says it is ready, then embeds the batches it is sent, up to
-    encoder.batches_in_flight at once, until it is sent None. ("ceiling", ids, seconds) times the towers alone."""
+    encoder.batches_in_flight at once, until it is sent None. ("ceiling", ids, seconds, variant) times the towers
+    alone (ceiling.time_towers)."""
     if gpus is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus  # before CUDA starts in this process
     try:
@@ -113,7 +114,7 @@ def serve_encoder(cfg: JobCfg, random_weights: bool, index: int, gpus: str | Non
 
             while (message := inbox.get()) is not None:
                 if message[0] == "ceiling":
-                    results.put(("ceiling", index, time_towers(encoder, message[1], message[2], 3)))
+                    results.put(("ceiling", index, time_towers(encoder, *message[1:3], 3, message[3])))
                 else:
                     threads.submit(embed, *message[1:])
         decoder = encoder.decoder
@@ -163,10 +164,10 @@ class EncoderProcesses:
         self.busy[index] += 1
         self.inboxes[index].put(("batch", seq, segments))
 
-    def ceiling(self, input_ids: np.ndarray, seconds: float) -> list[dict]:
-        """Each encoder's towers timed alone, all at once."""
+    def ceiling(self, input_ids: np.ndarray, seconds: float, variant: str | None = None) -> list[dict]:
+        """Each encoder's towers timed alone, all at once (`variant`: ceiling.VARIANTS)."""
         for inbox in self.inboxes:
-            inbox.put(("ceiling", input_ids, seconds))
+            inbox.put(("ceiling", input_ids, seconds, variant))
         measured = dict(self.receive("ceiling") for _ in range(self.count))
         return [dict(measured[i], model_load_s=self.load_s[i]) for i in range(self.count)]
 

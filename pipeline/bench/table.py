@@ -34,6 +34,13 @@ def format_table(report: dict) -> str:
                          f"{placed['whole_run_ratio']:>12.3f}{busy:>9}{figure(e['startup_s'], 10, '.1f')}"
                          f"{c['model_load_s']:>8.1f}{e['peak_memory_mib']:>10.0f}{e['parquet_bytes_per_pair']:>8.0f}")
     for precision, run in report["runs"].items():
+        if "ceiling_variants" in run:
+            v = run["ceiling_variants"]
+            lines.append(f"{precision} ceiling as configured {v['as_configured']:.2f}/s; " + "; ".join(
+                f"{name.replace('_', ' ')} {figures['pairs_per_s']:.2f}/s"
+                + (f" (capture FAILED for {', '.join(figures['cuda_graph_capture_failed'])}: eager)"
+                   if "cuda_graph_capture_failed" in figures else "")
+                for name, figures in v.items() if name != "as_configured"))
         for k, layout in run.get("encoders_per_gpu", {}).items():
             e = layout["end_to_end"]
             busy = f"{e['gpu_busy_steady']:.0%}" if e.get("gpu_busy_steady") is not None else "n/a"

@@ -80,6 +80,48 @@ def cast_for_autocast(model, dtype) -> None:
             module.to(dtype)
 
 
+class GraphedTower:
+    """A tower captured as a CUDA graph at the first input's shape (always encoder.batch_size: at_fixed_shape),
+    then replayed: the input copied into the graph's own buffer, one launch, the output copied out. Where the
+    capture fails (a model whose forward syncs with the host), the tower runs eagerly, with a warning."""
+
+    def __init__(self, forward, name: str):
+        self.forward, self.name, self.graph, self.failed = forward, name, None, False
+
+    def __call__(self, rows):
+        import torch
+
+        if self.failed:
+            return self.forward(rows)
+        if self.graph is None:
+            try:
+                self.capture(rows)
+            except Exception as exc:  # noqa: BLE001 - eager still gives the same embeddings
+                log.warning("CUDA graph capture of the %s tower failed, running it eagerly: %s", self.name, exc)
+                self.failed = True
+                torch.cuda.synchronize()
+                return self.forward(rows)
+        self.static_input.copy_(rows)
+        self.graph.replay()
+        return self.static_output.clone()
+
+    def capture(self, rows) -> None:
+        import torch
+
+        self.static_input = rows.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: cuBLAS handles, allocator, kernel choice
+            for _ in range(2):
+                self.forward(self.static_input)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: another batch in flight may allocate on its own thread meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.static_output = self.forward(self.static_input)
+        self.graph = graph
+
+
 def running_node() -> str:
     """The Ray node this process runs on ("local" outside Ray: the benchmark's in-process run)."""
     import ray
@@ -112,10 +154,9 @@ class Encoder:
         self.embedding_dtype = np.float16 if cfg.write.embedding_dtype == "float16" else np.float32
         self.texts = texts
         self.text_model, self.image_model = (m.to(self.device) for m in load_towers(cfg, random_weights))
-        if self.autocast_dtype is not None:
-            for tower in (self.text_model, self.image_model):
-                cast_for_autocast(tower, self.autocast_dtype)
         self.batch_size = cfg.encoder.batch_size
+        self.cuda_graphs = cfg.encoder.cuda_graphs and self.device.type == "cuda"
+        self.cast_weights(once=True)
         self.mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
         self.pixel_bytes = cfg.read.image_size ** 2 * 3
@@ -126,7 +167,8 @@ class Encoder:
 
             self.decoder = DeviceDecoder(self.device, cfg.read.image_size, cfg.read.max_image_pixels,
                                          cfg.read.device_decode_pixels)
-        self._thread = threading.local()  # each batch in flight (encoder.batches_in_flight) has its own stream
+        # each batch in flight (encoder.batches_in_flight) has its own stream and CUDA graphs
+        self._thread = threading.local()
         # "{node}:{actor}": tells this actor's batches apart in the driver's steady-state rate, and says in the run
         # summary which node embedded how many pairs
         self.name = f"{running_node()}:{uuid.uuid4().hex[:12]}"
@@ -136,8 +178,25 @@ class Encoder:
     def _autocast(self):
         import torch
 
-        return (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-                else contextlib.nullcontext())
+        # no cache of casts: the weights are cast once (cast_weights), and a CUDA graph capture forbids it
+        return (torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+                if self.autocast_dtype else contextlib.nullcontext())
+
+    def cast_weights(self, once: bool) -> None:
+        """once: the linear and convolution weights in the autocast dtype (cast_for_autocast); else in float32,
+        cast by autocast on every batch (the benchmark's "before", to measure what casting once gains)."""
+        if self.autocast_dtype is None:
+            return
+        import torch
+
+        for tower in (self.text_model, self.image_model):
+            if once:
+                cast_for_autocast(tower, self.autocast_dtype)
+            else:
+                for module in tower.modules():
+                    if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                        module.float()
+        self._thread = threading.local()  # captured graphs point at the old weights: drop them (and the streams)
 
     def _stream(self):
         """This thread's CUDA stream: a batch's copies, decode and forward passes queue behind each other, not
@@ -166,23 +225,37 @@ class Encoder:
 
         if isinstance(images, np.ndarray):
             images = self.to_device(images).permute(0, 3, 1, 2)
+        features = self.at_fixed_shape(self.tower("image", self.image_forward), images)
+        return torch.nn.functional.normalize(features.float(), dim=-1)
 
-        def tower(pixels):
-            with torch.inference_mode(), self._autocast():
-                pixels = (pixels.float() / 255.0 - self.mean) / self.std
-                return self.image_model(pixel_values=pixels).image_embeds
+    def image_forward(self, pixels):
+        """Image tower on uint8 N x 3 x H x W pixels on the device: CLIP normalisation, then the tower."""
+        import torch
 
-        return torch.nn.functional.normalize(self.at_fixed_shape(tower, images).float(), dim=-1)
+        with torch.inference_mode(), self._autocast():
+            pixels = (pixels.float() / 255.0 - self.mean) / self.std
+            return self.image_model(pixel_values=pixels).image_embeds
+
+    def text_forward(self, ids):
+        import torch
+
+        with torch.inference_mode(), self._autocast():
+            return self.text_model(input_ids=ids).logits
+
+    def tower(self, name: str, forward):
+        """`forward`, or with encoder.cuda_graphs this thread's CUDA graph of it (captured on first use)."""
+        if not self.cuda_graphs:
+            return forward
+        graphs = self._thread.__dict__.setdefault("graphs", {})
+        if name not in graphs:
+            graphs[name] = GraphedTower(forward, name)
+        return graphs[name]
 
     def embed_texts(self, input_ids: np.ndarray):
         """L2-normalised float32 text features (the 512 logits) for 77-token id rows, no attention mask."""
         import torch
 
-        def tower(ids):
-            with torch.inference_mode(), self._autocast():
-                return self.text_model(input_ids=ids).logits
-
-        features = self.at_fixed_shape(tower, self.to_device(input_ids.astype(np.int64)))
+        features = self.at_fixed_shape(self.tower("text", self.text_forward), self.to_device(input_ids.astype(np.int64)))
         return torch.nn.functional.normalize(features.float(), dim=-1)
 
     def at_fixed_shape(self, tower, rows):
