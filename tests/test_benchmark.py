@@ -69,6 +69,10 @@ def test_benchmark_smoke(tmp_path):
     for field in ("peak_mib_small", "peak_mib_large", "peak_rss_sum_mib_small", "peak_rss_sum_mib_large"):
         assert memory[field] > 0, field
     assert "ceiling/s" in stdout and "fidelity" in stdout  # the printed table
+    # where the time went: every phase, adding up to the whole
+    assert {"start", "shards", "cpu_rates", "fp32_ceiling_before", "fp32_tasks", "bf16_encoder", "memory_scaling",
+            "fidelity"} <= set(report["phase_s"]) and "time:" in stdout
+    assert abs(sum(report["phase_s"].values()) - report["total_s"]) < 1.0
     # the generated shards are realistic: JPEGs of 200-1000 px a side with Chinese captions
     import tarfile
     import io

@@ -2,6 +2,7 @@
 
     benchmark.py    the embed benchmark: ceiling before and after the end-to-end runs, per precision/placement
     ceiling.py      the encoders' ceiling: the towers alone on ready tensors, one probe per encoder actor
+    towers.py       one encoder's towers timed on ready tensors, as configured or varied (before / CUDA graphs)
     end_to_end.py   the whole embed job on generated shards, and its memory as the input grows
     inprocess.py    the embed job's stages without Ray (the lent GPU machine has none): one process per encoder
     decode_rate.py  decode + resize + tokenize per core, and the GPU's decode rate

@@ -27,6 +27,12 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
     from pipeline.embed.model import decide_random_weights
 
     started = time.perf_counter()
+    phases, last = {}, [started]
+
+    def lap(name: str) -> None:  # where the run's time goes (the GPU run has 5 minutes)
+        now = time.perf_counter()
+        phases[name], last[0] = round(now - last[0], 1), now
+
     if use_ray:
         import ray
 
@@ -40,13 +46,16 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
 
         cfg = resolve_actors(cfg, {"CPU": cfg.ray.num_cpus or os.cpu_count() or 1, "GPU": torch.cuda.device_count()})
     ray_start_s = time.perf_counter() - started
+    lap("start")
     gpu_checks = None
     if cfg.encoder.num_gpus > 0:  # first: figures of a CUDA path that gives wrong pixels would mean nothing
         from pipeline.bench.gpu_checks import run_gpu_checks
 
         gpu_checks = run_gpu_checks(cfg)
+        lap("gpu_checks")
     n_shards = max(1, pairs // per_shard)
     shards = make_benchmark_shards(cache / f"shards-v2-{per_shard}", n_shards, per_shard)
+    lap("shards")
     random_weights = decide_random_weights(cfg)
     tokenizer = resolve_tokenizer(cfg, random_weights)
     report = {"machine": machine(), "pairs": n_shards * per_shard, "shards": n_shards, "ray": use_ray,
@@ -54,6 +63,7 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
               "torch_threads": cfg.encoder.torch_threads, "batches_in_flight": cfg.encoder.batches_in_flight,
               "models": {"text": cfg.model.text, "image": cfg.model.image, "random_weights": random_weights},
               "cpu": decode_rate_per_core(cfg, shards[0], tokenizer), "runs": {}}
+    lap("cpu_rates")
     if gpu_checks is not None:
         report["gpu_checks"] = gpu_checks
     if not use_ray:
@@ -77,12 +87,15 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
         variants = (("weights_cast_per_batch",) if precision != "fp32" else ()) + (
             ("cuda_graphs",) if gpu_available() and cfg.encoder.num_gpus > 0 and not cfg.encoder.cuda_graphs else ())
         before = measure_ceiling(configured(precision), random_weights, input_ids, ceiling_seconds, use_ray, variants)
+        lap(f"{precision}_ceiling_before")
         runs = {}
         for placement in placements:
             with tempfile.TemporaryDirectory() as tmp:
                 runs[placement] = {"end_to_end": end_to_end(configured(precision, placement), shards,
                                                             Path(tmp) / "out", use_ray, random_weights, tokenizer)}
+            lap(f"{precision}_{placement}")
         after = measure_ceiling(configured(precision), random_weights, input_ids, ceiling_seconds, use_ray)
+        lap(f"{precision}_ceiling_after")
         ceiling = max(before, after, key=lambda c: c["pairs_per_s"])
         for run in runs.values():
             e2e = run["end_to_end"]
@@ -95,12 +108,18 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
             report["runs"][precision]["ceiling_variants"] = {"as_configured": before["pairs_per_s"],
                                                              **before["variants"]}
         if cfg.encoder.num_gpus > 0 and list(encoders_per_gpu) != [1]:
+            # k = 1 is the config's own layout: its encoder run above, against that run's ceiling
+            measured = {1: {"encoder_actors": cfg.encoder.actors, "num_gpus_each": cfg.encoder.num_gpus,
+                            "encoder_ceiling": ceiling, "end_to_end": runs["encoder"]["end_to_end"]}
+                        } if "encoder" in runs else {}
             report["runs"][precision]["encoders_per_gpu"] = sharing_gpus(
                 configured(precision, "encoder"), encoders_per_gpu, shards, random_weights, tokenizer, input_ids,
-                ceiling_seconds, use_ray)
+                ceiling_seconds, use_ray, measured)
+            lap(f"{precision}_encoders_per_gpu")
     if memory_check and use_ray:  # once, with the last precision: memory does not depend on it
         report["memory_scaling"] = memory_scaling(configured(precisions[-1], placements[-1]), cache, per_shard,
                                                   random_weights, tokenizer)
+        lap("memory_scaling")
     # last: its two towers, loaded in this process, must not count in the runs' memory
     if fidelity_photos:
         from pipeline.bench.fidelity import corrupted_routing, measure_fidelity
@@ -111,17 +130,23 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
                                               "cuda" if gpu_available() else "cpu",
                                               lower_precision=next((p for p in precisions if p != "fp32"), None))
         report["fidelity"]["corrupted_jpegs"] = corrupted_routing(min(10 * fidelity_photos, 2000), seed=0)
+        lap("fidelity")
+    report["phase_s"], report["total_s"] = phases, round(time.perf_counter() - started, 1)
     return report
 
 
 def sharing_gpus(cfg: JobCfg, encoders_per_gpu: list[int], shards: list[Path], random_weights: bool,
                  tokenizer: tuple[str, str | None], input_ids: np.ndarray, ceiling_seconds: float,
-                 use_ray: bool) -> dict:
+                 use_ray: bool, measured: dict) -> dict:
     """For each k: k encoders on every GPU the config's layout uses (encoder.num_gpus = its share / k), their
-    ceiling (the k probes timed at once) and the whole job; every ratio against the best ceiling of all k."""
+    ceiling (the k probes timed at once) and the whole job; every ratio against the best ceiling of all k.
+    `measured`: layouts already run ({k: figures})."""
     gpus = int(cfg.encoder.actors) * cfg.encoder.num_gpus
     layouts = {}
     for k in encoders_per_gpu:
+        if k in measured:
+            layouts[k] = dict(measured[k])
+            continue
         shared = dataclasses.replace(cfg, encoder=dataclasses.replace(
             cfg.encoder, num_gpus=round(cfg.encoder.num_gpus / k, 4), actors=max(1, round(gpus * k / cfg.encoder.num_gpus))))
         ceiling = measure_ceiling(shared, random_weights, input_ids, ceiling_seconds, use_ray)

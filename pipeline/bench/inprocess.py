@@ -95,11 +95,11 @@ def _one_thread() -> None:
 def serve_encoder(cfg: JobCfg, random_weights: bool, index: int, gpus: str | None, inbox, results) -> None:
     """An encoder process: loads the towers, says it is ready, then embeds the batches it is sent, up to
     encoder.batches_in_flight at once, until it is sent None. ("ceiling", ids, seconds, variant) times the towers
-    alone (ceiling.time_towers)."""
+    alone (towers.time_towers)."""
     if gpus is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus  # before CUDA starts in this process
     try:
-        from pipeline.bench.ceiling import time_towers
+        from pipeline.bench.towers import time_towers
         from pipeline.embed.encode import Encoder
 
         started = time.perf_counter()
@@ -165,7 +165,7 @@ class EncoderProcesses:
         self.inboxes[index].put(("batch", seq, segments))
 
     def ceiling(self, input_ids: np.ndarray, seconds: float, variant: str | None = None) -> list[dict]:
-        """Each encoder's towers timed alone, all at once (`variant`: ceiling.VARIANTS)."""
+        """Each encoder's towers timed alone, all at once (`variant`: towers.VARIANTS)."""
         for inbox in self.inboxes:
             inbox.put(("ceiling", input_ids, seconds, variant))
         measured = dict(self.receive("ceiling") for _ in range(self.count))

@@ -48,6 +48,8 @@ def format_table(report: dict) -> str:
                          f"num_gpus {layout['num_gpus_each']:g}): ceiling {layout['encoder_ceiling']['pairs_per_s']:.2f}/s, "
                          f"steady {figure(e['steady_pairs_per_s'], 0, '.2f')}/s, ratio to the best ceiling "
                          f"{figure(layout['steady_ratio_to_best_ceiling'], 0, '.3f')}, GPU busy {busy}")
+    if "phase_s" in report:
+        lines.append(f"time: {report['total_s']} s in all: " + ", ".join(f"{k} {v}" for k, v in report["phase_s"].items()))
     cpu = report["cpu"]
     lines.append(f"CPU per core: {cpu['decode_images_per_s_per_core']} images/s decoded + resized by PIL (decode_on="
                  f"tasks), {cpu['encoder_path_on_cpu_images_per_s_per_core']} by the encoder path on CPU; mean JPEG "
