@@ -112,12 +112,10 @@ def check_decode_chunks_under_the_pixel_budget(device: str, cfg: JobCfg | None =
     assert bool((images == whole(payloads)[0]).all()) and whole.decode_calls == 1
 
 
-def check_encoder_fixed_shape_and_streams(device: str, cfg: JobCfg) -> None:
-    """The towers see encoder.batch_size rows whatever the batch; a row's embedding does not depend on its batch;
-    two batches in flight on two threads (each its own CUDA stream) give what they give one at a time."""
+def encoder_and_inputs(device: str, cfg: JobCfg, seed: int):
+    """An Encoder of cfg's towers on `device` at batch 64 (pixels given, as decode_on=tasks), and 128 rows of
+    random pixels and Wukong-like captions' token ids."""
     import dataclasses
-
-    import torch
 
     from pipeline.bench.photos import caption
     from pipeline.embed.encode import Encoder
@@ -127,78 +125,73 @@ def check_encoder_fixed_shape_and_streams(device: str, cfg: JobCfg) -> None:
     cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, device=device, batch_size=64),
                               read=dataclasses.replace(cfg.read, decode_on="tasks"))
     random_weights = decide_random_weights(cfg)
-    encoder = Encoder(cfg, random_weights)
-    seen = []
-    encoder.image_model.register_forward_pre_hook(lambda m, a, kw: seen.append(len(kw["pixel_values"])),
-                                                  with_kwargs=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (128, SIZE, SIZE, 3), dtype=np.uint8)
     ids = tokenize(load_tokenizer(*resolve_tokenizer(cfg, random_weights)), [caption(rng) for _ in range(128)])
-    full = encoder.embed(pixels[:64], ids[:64])
-    partial = encoder.embed(pixels[:10], ids[:10])
-    assert set(seen) == {64}, seen
-    for a, b in zip(partial, full):
-        assert np.abs(a - b[:10]).max() <= 1e-3, np.abs(a - b[:10]).max()
-    alone = [encoder.embed(pixels[i * 64 : (i + 1) * 64], ids[i * 64 : (i + 1) * 64]) for i in range(2)]
-    together: list = [None, None]
+    return Encoder(cfg, random_weights), pixels, ids
 
-    def run(i: int) -> None:
+
+def on_two_threads(encoder, run) -> list:
+    """[run(0), run(1)], run at once on two threads, each with its own CUDA stream (two batches in flight)."""
+    results: list = [None, None]
+
+    def in_flight(i: int) -> None:
         with encoder._stream():
-            together[i] = encoder.embed(pixels[i * 64 : (i + 1) * 64], ids[i * 64 : (i + 1) * 64])
+            results[i] = run(i)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    threads = [threading.Thread(target=in_flight, args=(i,)) for i in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    if any(result is None for result in results):
+        raise AssertionError("a batch in flight failed (see its thread's traceback above)")
+    return results
+
+
+def assert_close(ours, theirs, what: str) -> None:
+    for a, b in zip(ours, theirs):
+        assert np.abs(a - b).max() <= 1e-3, f"{what}: {np.abs(a - b).max():.2e} apart"
+
+
+def check_encoder_fixed_shape_and_streams(device: str, cfg: JobCfg) -> None:
+    """The towers see encoder.batch_size rows whatever the batch; a row's embedding does not depend on its batch;
+    two batches in flight on two threads (each its own CUDA stream) give what they give one at a time."""
+    encoder, pixels, ids = encoder_and_inputs(device, cfg, seed=0)
+    seen = []
+    encoder.image_model.register_forward_pre_hook(lambda m, a, kw: seen.append(len(kw["pixel_values"])),
+                                                  with_kwargs=True)
+    full = encoder.embed(pixels[:64], ids[:64])
+    partial = encoder.embed(pixels[:10], ids[:10])
+    assert set(seen) == {64}, seen
+    assert_close(partial, [b[:10] for b in full], "a partial batch's rows against the same rows in a full one")
+    alone = [encoder.embed(pixels[i * 64 : (i + 1) * 64], ids[i * 64 : (i + 1) * 64]) for i in range(2)]
+    together = on_two_threads(encoder, lambda i: encoder.embed(pixels[i * 64 : (i + 1) * 64], ids[i * 64 : (i + 1) * 64]))
     for i in range(2):
-        for a, b in zip(together[i], alone[i]):
-            assert np.abs(a - b).max() <= 1e-3, f"batch {i} in flight with another: {np.abs(a - b).max():.2e}"
-    if device == "cuda":
-        torch.cuda.synchronize()
+        assert_close(together[i], alone[i], f"batch {i} in flight with another against alone")
 
 
 def check_cuda_graphs_give_the_eager_embeddings(device: str, cfg: JobCfg) -> None:
     """encoder.cuda_graphs: each thread captures its own graphs (no capture failure), and full, partial and
     concurrent batches give the eager towers' embeddings. On CPU (the dry run) only the eager side runs."""
-    import dataclasses
-
-    from pipeline.bench.photos import caption
-    from pipeline.embed.encode import Encoder
-    from pipeline.embed.model import decide_random_weights
-    from pipeline.embed.preprocess import load_tokenizer, resolve_tokenizer, tokenize
-
-    cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, device=device, batch_size=64),
-                              read=dataclasses.replace(cfg.read, decode_on="tasks"))
-    random_weights = decide_random_weights(cfg)
-    encoder = Encoder(cfg, random_weights)
-    rng = np.random.default_rng(1)
-    pixels = rng.integers(0, 256, (128, SIZE, SIZE, 3), dtype=np.uint8)
-    ids = tokenize(load_tokenizer(*resolve_tokenizer(cfg, random_weights)), [caption(rng) for _ in range(128)])
+    encoder, pixels, ids = encoder_and_inputs(device, cfg, seed=1)
     eager = [encoder.embed(pixels[i * 64 : (i + 1) * 64], ids[i * 64 : (i + 1) * 64]) for i in range(2)]
     eager_partial = encoder.embed(pixels[:10], ids[:10])
     if device != "cuda":
         return
     encoder.cuda_graphs = True
-    graphed: list = [None, None]
 
-    def run(i: int) -> None:
-        with encoder._stream():
-            encoder.embed(pixels[i * 64 : (i + 1) * 64], ids[i * 64 : (i + 1) * 64])  # captures
-            graphed[i] = (encoder.embed(pixels[i * 64 : (i + 1) * 64], ids[i * 64 : (i + 1) * 64]),
-                          encoder.embed(pixels[:10], ids[:10]), dict(encoder._thread.graphs))
+    def graphed(i: int):
+        encoder.embed(pixels[i * 64 : (i + 1) * 64], ids[i * 64 : (i + 1) * 64])  # captures this thread's graphs
+        return (encoder.embed(pixels[i * 64 : (i + 1) * 64], ids[i * 64 : (i + 1) * 64]),
+                encoder.embed(pixels[:10], ids[:10]), dict(encoder._thread.graphs))
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for i in range(2):
-        full, partial, graphs = graphed[i]
+    results = on_two_threads(encoder, graphed)
+    for i, (full, partial, graphs) in enumerate(results):
         assert set(graphs) == {"image", "text"} and not any(g.failed for g in graphs.values()), graphs
-        for a, b in list(zip(full, eager[i])) + list(zip(partial, eager_partial)):
-            assert np.abs(a - b).max() <= 1e-3, f"graph vs eager: {np.abs(a - b).max():.2e}"
-    assert graphed[0][2]["image"] is not graphed[1][2]["image"]  # one graph per thread
+        assert_close(full, eager[i], f"batch {i}, graphed against eager")
+        assert_close(partial, eager_partial, "a partial batch, graphed against eager")
+    assert results[0][2]["image"] is not results[1][2]["image"]  # one graph per thread
 
 
 CHECKS = {check.__name__.removeprefix("check_"): check for check in (
