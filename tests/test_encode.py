@@ -60,3 +60,26 @@ def test_weights_cast_once_give_what_autocast_gives(tiny_models, tmp_path, monke
     for ours, theirs in zip(cast_once.embed(pixels, ids), per_batch.embed(pixels, ids)):
         assert np.array_equal(ours, theirs)
 
+
+
+def test_a_tower_whose_cuda_graph_capture_fails_runs_eagerly_with_a_warning(tiny_models, tmp_path, monkeypatch,
+                                                                            caplog):
+    """encoder.cuda_graphs with a forward pass that cannot be captured (one that syncs with the host): the
+    tower runs eagerly from then on, with one warning per tower, and the embeddings are the eager ones."""
+    encoder, pixels, ids, _ = encoder_and_inputs(tiny_models, tmp_path, 6)
+    eager = encoder.embed(pixels, ids)
+
+    def capture(self, rows):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(encode.GraphedTower, "capture", capture)
+    encoder.cuda_graphs = True  # on CPU only for this test: the config refuses it without a GPU
+    for _ in range(2):
+        for ours, theirs in zip(encoder.embed(pixels, ids), eager):
+            assert np.array_equal(ours, theirs)
+    assert {name: graph.failed for name, graph in encoder._thread.graphs.items()} == {"image": True, "text": True}
+    assert [r.message for r in caplog.records if "capture" in r.message] == [
+        "CUDA graph capture of the image tower failed, running it eagerly: operation not permitted when stream "
+        "is capturing",
+        "CUDA graph capture of the text tower failed, running it eagerly: operation not permitted when stream "
+        "is capturing"]

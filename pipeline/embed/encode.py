@@ -99,7 +99,8 @@ class GraphedTower:
             except Exception as exc:  # noqa: BLE001 - eager still gives the same embeddings
                 log.warning("CUDA graph capture of the %s tower failed, running it eagerly: %s", self.name, exc)
                 self.failed = True
-                torch.cuda.synchronize()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()  # a failed capture's error, if any, surfaces here and not later
                 return self.forward(rows)
         self.static_input.copy_(rows)
         self.graph.replay()
