@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
         except ImportError:
             use_ray = False
             log.warning("Ray is not installed here: the stages run without Ray (read + tokenize in worker "
-                        "processes, the encoder in this process); every figure is labelled 'without Ray'")
+                        "processes, each encoder a process of its own); every figure is labelled 'without Ray'")
     precisions = (args.precisions or ("fp16" if cfg.encoder.num_gpus else "fp32,bf16")).split(",")
     encoders_per_gpu = [int(k) for k in (args.encoders_per_gpu or ("1,2,3,4" if cfg.encoder.num_gpus else "1")).split(",")]
     placements = (args.decode_on or "tasks,encoder").split(",")
@@ -75,11 +76,19 @@ def main(argv=None) -> int:
     per_shard = args.per_shard or (256 if cfg.encoder.num_gpus else 64)
     fidelity_photos = args.fidelity_photos if args.fidelity_photos is not None else (
         159 if "encoder" in placements else 0)
-    report = run_benchmark(cfg, pairs, per_shard, precisions, placements, Path(args.cache),
-                           memory_check=not args.no_memory_check, ceiling_seconds=args.ceiling_seconds or (8.0 if cfg.encoder.num_gpus else 20.0),
-                           use_ray=use_ray, fidelity_photos=fidelity_photos, encoders_per_gpu=encoders_per_gpu)
-    report["tiny_models"] = args.tiny
-    report["command"] = " ".join(["python", "jobs/benchmark.py", *(argv if argv is not None else sys.argv[1:])])
+    report = {"tiny_models": args.tiny,
+              "command": " ".join(["python", "jobs/benchmark.py", *(argv if argv is not None else sys.argv[1:])])}
+    try:
+        run_benchmark(cfg, pairs, per_shard, precisions, placements, Path(args.cache),
+                      memory_check=not args.no_memory_check,
+                      ceiling_seconds=args.ceiling_seconds or (8.0 if cfg.encoder.num_gpus else 20.0),
+                      use_ray=use_ray, fidelity_photos=fidelity_photos, encoders_per_gpu=encoders_per_gpu,
+                      report=report)
+    except Exception:  # a GPU hour is dear: keep what was measured before the failure
+        report["failed"] = traceback.format_exc()
+        Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        log.exception("the benchmark failed; the figures measured before it are in %s", args.json)
+        return 1
     Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False))
     print(format_table(report))
     print(f"figures written to {args.json}")

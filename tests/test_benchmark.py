@@ -251,3 +251,26 @@ def test_without_ray_every_sample_is_embedded_once_across_shard_files_and_the_sp
     assert keys == sorted(f"{s:05d}{i:04d}" for s in range(7) for i in range(5))
     assert figures["pairs"] == figures["ok"] == 35 and figures["encoders_seen"] == 2
     assert len(removed) == len(set(removed)) == 7 and not spool.exists()
+
+
+def test_a_benchmark_that_fails_half_way_keeps_what_it_measured(tmp_path, monkeypatch):
+    """A GPU hour is dear: a run that fails after its first figures writes them, with the failure, and exits 1."""
+    import importlib.util
+
+    from pipeline.bench import benchmark
+
+    spec = importlib.util.spec_from_file_location("benchmark_job", REPO / "jobs" / "benchmark.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the end-to-end run broke")
+
+    monkeypatch.setattr(benchmark, "end_to_end", broken)
+    out = tmp_path / "bench.json"
+    code = job.main(["--tiny", "--pairs", "8", "--per-shard", "4", "--ceiling-seconds", "0.5", "--without-ray",
+                     "--precisions", "fp32", "--fidelity-photos", "0", "--set", "encoder.batch_size=4",
+                     "--set", "read.batch_size=4", "--cache", str(tmp_path / "cache"), "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert code == 1 and "RuntimeError: the end-to-end run broke" in report["failed"]
+    assert report["cpu"]["decode_images_per_s_per_core"] > 0 and "fp32_ceiling_before" in report["phase_s"]

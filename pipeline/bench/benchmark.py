@@ -21,9 +21,11 @@ from pipeline.embed.preprocess import load_tokenizer, resolve_tokenizer, tokeniz
 
 def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str], placements: list[str],
                   cache: Path, memory_check: bool, ceiling_seconds: float, use_ray: bool,
-                  fidelity_photos: int, encoders_per_gpu: list[int] = (1,)) -> dict:
+                  fidelity_photos: int, encoders_per_gpu: list[int] = (1,), report: dict | None = None) -> dict:
     """encoders_per_gpu (a GPU config): besides the runs at the config's layout, decode_on=encoder with k encoder
-    actors (processes) sharing each GPU, each k with its own ceiling (its k probes timed at once)."""
+    actors (processes) sharing each GPU, each k with its own ceiling (its k probes timed at once). `report`: a
+    dict filled as the figures come in, so that a caller can save those of a run that fails half-way."""
+    report = {} if report is None else report
     from pipeline.embed.model import decide_random_weights
 
     started = time.perf_counter()
@@ -47,25 +49,22 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
         cfg = resolve_actors(cfg, {"CPU": cfg.ray.num_cpus or os.cpu_count() or 1, "GPU": torch.cuda.device_count()})
     ray_start_s = time.perf_counter() - started
     lap("start")
-    gpu_checks = None
     if cfg.encoder.num_gpus > 0:  # first: figures of a CUDA path that gives wrong pixels would mean nothing
         from pipeline.bench.gpu_checks import run_gpu_checks
 
-        gpu_checks = run_gpu_checks(cfg)
+        report["gpu_checks"] = run_gpu_checks(cfg)  # first in the JSON too
         lap("gpu_checks")
     n_shards = max(1, pairs // per_shard)
     shards = make_benchmark_shards(cache / f"shards-v2-{per_shard}", n_shards, per_shard)
     lap("shards")
     random_weights = decide_random_weights(cfg)
     tokenizer = resolve_tokenizer(cfg, random_weights)
-    report = {"machine": machine(), "pairs": n_shards * per_shard, "shards": n_shards, "ray": use_ray,
+    report.update({"machine": machine(), "pairs": n_shards * per_shard, "shards": n_shards, "ray": use_ray,
               "encoder_actors": cfg.encoder.actors, "encoder_batch_size": cfg.encoder.batch_size,
               "torch_threads": cfg.encoder.torch_threads, "batches_in_flight": cfg.encoder.batches_in_flight,
               "models": {"text": cfg.model.text, "image": cfg.model.image, "random_weights": random_weights},
-              "cpu": decode_rate_per_core(cfg, shards[0], tokenizer), "runs": {}}
+              "cpu": decode_rate_per_core(cfg, shards[0], tokenizer), "runs": {}, "phase_s": phases})
     lap("cpu_rates")
-    if gpu_checks is not None:
-        report["gpu_checks"] = gpu_checks
     if not use_ray:
         from pipeline.bench.inprocess import read_workers
 
@@ -131,7 +130,7 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
                                               lower_precision=next((p for p in precisions if p != "fp32"), None))
         report["fidelity"]["corrupted_jpegs"] = corrupted_routing(min(10 * fidelity_photos, 2000), seed=0)
         lap("fidelity")
-    report["phase_s"], report["total_s"] = phases, round(time.perf_counter() - started, 1)
+    report["total_s"] = round(time.perf_counter() - started, 1)
     return report
 
 

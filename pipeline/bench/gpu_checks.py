@@ -9,7 +9,9 @@ Each check takes the device to check ("cuda"; "cpu" for the dry run) and raises 
 from __future__ import annotations
 
 import threading
+import time
 import traceback
+from multiprocessing import get_context
 
 import numpy as np
 
@@ -200,17 +202,43 @@ CHECKS = {check.__name__.removeprefix("check_"): check for check in (
     check_cuda_graphs_give_the_eager_embeddings)}
 
 
-def run_gpu_checks(cfg: JobCfg) -> dict:
-    """{check: "passed" or the failure} on CUDA; {"skipped": reason} where torch sees no GPU."""
+def run_gpu_checks(cfg: JobCfg, device: str = "cuda", checks: dict | None = None, timeout_s: float = 300.0) -> dict:
+    """{check: "passed" or the failure} for `checks` (CHECKS) on `device`; {"skipped": reason} for CUDA where
+    torch sees no GPU.
+
+    The checks run in a spawned process of their own: a check that breaks the CUDA context (a sticky error,
+    a crash in a decoder) costs the checks after it, never the benchmark that runs them first."""
     import torch
 
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         return {"skipped": "no CUDA GPU visible to torch"}
-    results = {}
-    for name, check in CHECKS.items():
+    checks = CHECKS if checks is None else checks
+    context = get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)  # a send is written at once: a crash after it loses nothing
+    process = context.Process(target=checks_in_this_process, args=(checks, device, cfg, sender), daemon=True)
+    process.start()
+    sender.close()
+    results, deadline = {}, time.monotonic() + timeout_s
+    while len(results) < len(checks) and time.monotonic() < deadline:
+        if not receiver.poll(1.0):
+            continue
         try:
-            check("cuda", cfg)
-            results[name] = "passed"
+            name, result = receiver.recv()
+        except EOFError:  # the process is gone
+            break
+        results[name] = result
+    timed_out = len(results) < len(checks) and process.is_alive()
+    process.join(timeout=0 if timed_out else 30)
+    if process.is_alive():
+        process.kill()
+    why = f"over {timeout_s:g} s" if timed_out else f"the check process exited with {process.exitcode}"
+    return {name: results.get(name, f"NOT RUN: {why}") for name in checks}
+
+
+def checks_in_this_process(checks: dict, device: str, cfg: JobCfg, sender) -> None:
+    for name, check in checks.items():
+        try:
+            check(device, cfg)
+            sender.send((name, "passed"))
         except Exception:  # noqa: BLE001 - every check runs and is reported
-            results[name] = "FAILED: " + traceback.format_exc(limit=3)[-1500:]
-    return results
+            sender.send((name, "FAILED: " + traceback.format_exc(limit=3)[-1500:]))
