@@ -15,7 +15,7 @@ from pipeline.bench.decode_rate import decode_rate_per_core
 from pipeline.bench.end_to_end import end_to_end, memory_scaling
 from pipeline.bench.photos import caption, make_benchmark_shards, photo_pool
 from pipeline.bench.samplers import gpu_available, machine
-from pipeline.config import JobCfg, resolve_actors
+from pipeline.config import JobCfg, actor_range, resolve_actors
 from pipeline.embed.preprocess import load_tokenizer, resolve_tokenizer, tokenize
 
 
@@ -140,7 +140,7 @@ def sharing_gpus(cfg: JobCfg, encoders_per_gpu: list[int], shards: list[Path], r
     """For each k: k encoders on every GPU the config's layout uses (encoder.num_gpus = its share / k), their
     ceiling (the k probes timed at once) and the whole job; every ratio against the best ceiling of all k.
     `measured`: layouts already run ({k: figures})."""
-    gpus = int(cfg.encoder.actors) * cfg.encoder.num_gpus
+    gpus = actor_range(cfg.encoder.actors)[1] * cfg.encoder.num_gpus
     layouts = {}
     for k in encoders_per_gpu:
         if k in measured:

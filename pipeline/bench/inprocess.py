@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.config import JobCfg, actors_per_gpu
+from pipeline.config import JobCfg, actor_range, actors_per_gpu
 from pipeline.embed.preprocess import preprocess
 from pipeline.embed.read import read_shards
 from pipeline.progress import SteadyClock
@@ -39,7 +39,12 @@ from pipeline.progress import SteadyClock
 def read_workers(cfg: JobCfg) -> int:
     """Worker processes for read + preprocess: the cores left once the encoders have their reservations."""
     cores = cfg.ray.num_cpus or os.cpu_count() or 1
-    return max(1, int((cores - int(cfg.encoder.actors) * cfg.encoder.num_cpus) // max(cfg.read.num_cpus, 0.01)))
+    return max(1, int((cores - encoder_count(cfg) * cfg.encoder.num_cpus) // max(cfg.read.num_cpus, 0.01)))
+
+
+def encoder_count(cfg: JobCfg) -> int:
+    """Encoder processes without Ray: encoder.actors, or the top of a range (nothing autoscales here)."""
+    return actor_range(cfg.encoder.actors)[1]
 
 
 def gpus_of(cfg: JobCfg, index: int) -> str | None:
@@ -129,7 +134,7 @@ class EncoderProcesses:
 
     def __init__(self, cfg: JobCfg, random_weights: bool):
         context = get_context("spawn")
-        self.results, self.count = context.Queue(), int(cfg.encoder.actors)
+        self.results, self.count = context.Queue(), encoder_count(cfg)
         self.inboxes = [context.Queue() for _ in range(self.count)]
         self.processes = [context.Process(target=serve_encoder, daemon=True,
                                           args=(cfg, random_weights, i, gpus_of(cfg, i), inbox, self.results))

@@ -66,7 +66,9 @@ def format_table(report: dict) -> str:
                      f"|diff| {f['embedding_max_component_diff']:.2e} per component; |delta similarity| p50 "
                      f"{f['similarity_abs_diff_p50']:.1e}, p99 {f['similarity_abs_diff_p99']:.1e}, max "
                      f"{f['similarity_abs_diff_max']:.1e}; decided differently at min_similarity "
-                     + ", ".join(f"{t}: {share:.2%}" for t, share in f["decided_differently"].items()))
+                     + ", ".join(f"{t}: {share:.2%}" for t, share in f["decided_differently"].items())
+                     + f"; the bound |delta similarity| <= 1e-3 is "
+                     + ("met" if f["similarity_abs_diff_max"] <= 1e-3 else "NOT MET"))
     if "corrupted_jpegs" in report.get("fidelity", {}):
         c = report["fidelity"]["corrupted_jpegs"]
         lines.append(f"corrupted JPEGs ({c['jpegs']}): the exact path fails on {c['exact_path_fails']}, "
