@@ -4,9 +4,11 @@
     image.py          the exact image protocol on CPU: bytes -> 224x224 uint8 RGB (PIL bicubic, center crop)
     preprocess.py     decode images (or ship their bytes) and tokenize captions; bad samples become error rows
     resize.py         PIL's bicubic resize + center crop for a whole batch at once, in torch: PIL's bytes
-    device_decode.py  read.decode_on=encoder: decode and resize on the encoder's own device (nvJPEG on a GPU)
+    device_decode.py  read.decode_on=encoder: which JPEGs the device may take (header, compressed data), and
+                      their decode + resize on the encoder's own device in chunks (nvJPEG on a GPU)
     model.py          the towers' weights: Hub id or local folder, or random weights of the real architectures
-    encode.py         the two Taiyi-CLIP towers in a Ray actor: pixels + token ids -> L2-normalised embeddings
+    encode.py         the two Taiyi-CLIP towers in a Ray actor: pixels + token ids -> L2-normalised embeddings,
+                      always at encoder.batch_size (optionally as CUDA graphs)
     write.py          staged part files, committed per shard as one atomic Parquet file
     plan.py           what a run will do, decided before Ray starts: shards, model, the output's settings
     run.py            the driver: the Ray Data flow, commits, progress and the summary
