@@ -96,21 +96,25 @@ def resize_center_crop_batch(images: list, size: int, budget: int = 1 << 27):
     device = images[0].device if images else "cpu"
     out = torch.zeros((len(images), 3, size, size), dtype=torch.uint8, device=device)
     seen = [oriented(int(i.shape[1]), int(i.shape[2]), size) for i in images]
-    order = sorted(range(len(images)), key=lambda i: -chunk_cost([seen[i]], size))
-    while order:
-        chunk = [order.pop(0)]
-        while order and chunk_cost([seen[i] for i in chunk + order[:1]], size) <= budget:
-            chunk.append(order.pop(0))
-        out[chunk] = resize_chunk([images[i] for i in chunk], [seen[i] for i in chunk], size)
+    extents = [padded_extent(v, size) for v in seen]
+    chunk, rows, columns = [], 0, 0
+    # largest first; the chunk's cost kept as running maxima (this runs on the actor's host thread, per batch)
+    for i in sorted(range(len(images)), key=lambda i: -extents[i][0] * extents[i][1]):
+        grown = max(rows, extents[i][0]), max(columns, extents[i][1])
+        if chunk and (len(chunk) + 1) * 3 * grown[0] * grown[1] > budget:
+            out[chunk] = resize_chunk([images[j] for j in chunk], [seen[j] for j in chunk], size)
+            chunk, grown = [], extents[i]
+        chunk.append(i)
+        rows, columns = grown
+    if chunk:
+        out[chunk] = resize_chunk([images[j] for j in chunk], [seen[j] for j in chunk], size)
     return out
 
 
-def chunk_cost(seen: list[tuple], size: int) -> int:
-    """int32 values in resize_chunk's padded batch or horizontal-pass taps, the larger, for images read as
-    `seen` (see oriented): the chunk is padded to its tallest and widest image and its widest window."""
-    rows = max(v[0] for v in seen)
-    columns = max(max(v[1] for v in seen), size * max(window(v[1], v[2]) for v in seen))
-    return len(seen) * 3 * rows * columns
+def padded_extent(seen: tuple, size: int) -> tuple[int, int]:
+    """(rows, columns) an image read as `seen` (see oriented) needs in resize_chunk's padded batch or its
+    horizontal-pass taps, the larger: a chunk of images holds len x 3 x max rows x max columns int32 values."""
+    return seen[0], max(seen[1], size * window(seen[1], seen[2]))
 
 
 def oriented(height: int, width: int, size: int) -> tuple[int, int, int, int, int, int, bool]:
