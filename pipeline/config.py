@@ -82,7 +82,7 @@ class EncoderCfg:
     device: str = "auto"
     # CPU cores reserved per actor; keep below the node's cores so read tasks are not starved
     num_cpus: float = 1.0
-    # pairs per forward pass
+    # pairs per forward pass: the towers always run at this size (a partial batch is padded, the padding dropped)
     batch_size: int = 64
     # host memory Ray reserves per actor (its `memory` resource), so that a node takes no more actors than
     # its memory holds, and encoder.actors=auto counts it; null reserves none. On CPU an actor holds the
