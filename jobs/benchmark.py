@@ -1,11 +1,13 @@
 """Benchmark the embed job against its encoders' ceiling, in one run on one machine; prints a table, writes JSON.
 
     python jobs/benchmark.py --config configs/benchmark.yaml --pairs 512 --precisions fp32,bf16
-    python jobs/benchmark.py --config configs/benchmark-gpu.yaml      # one GPU, 16 cores, under 5 minutes
+    python jobs/benchmark.py --config configs/benchmark-gpu.yaml      # one GPU, 16 cores, sized for 5 minutes
     python jobs/benchmark.py --tiny --pairs 32      # smoke run with tiny models (CI): figures mean nothing
 
-Where Ray is not installed (the lent GPU machine has none, and cannot install it), the stages run without Ray
-(pipeline/bench/inprocess.py) and every figure is labelled so.
+A GPU config first runs the GPU checks (pipeline/bench/gpu_checks.py), then also 1-4 encoders per GPU
+(--encoders-per-gpu). Where Ray is not installed (the lent GPU machine has none, and cannot install it), the
+stages run without Ray, one spawned process per encoder (pipeline/bench/inprocess.py), and every figure is
+labelled so. A run that fails half-way writes the figures it has, with the failure, and exits 1.
 """
 
 import argparse
