@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import rgb_image
+from pipeline.bench.gpu_checks import SHAPES, generated
 from pipeline.bench.photos import benchmark_photos
-from pipeline.embed.demo import real_photographs, shape_image
-from pipeline.embed.image import MAX_EXACT_ASPECT, resize_center_crop
+from pipeline.embed.demo import real_photographs
+from pipeline.embed.image import resize_center_crop
 from pipeline.embed.resize import resize_center_crop_batch
 
 SIZE = 224
@@ -25,23 +25,6 @@ def differing_bytes(images: list[Image.Image], **kwargs) -> list[int]:
     batched = resize_center_crop_batch([as_tensor(i) for i in images], SIZE, **kwargs)
     return [int((b.permute(1, 2, 0).numpy() != resize_center_crop(i.convert("RGB"), SIZE)).sum())
             for i, b in zip(images, batched)]
-
-
-def generated(width: int, height: int, seed: int) -> Image.Image:
-    """A photo-like scene where it is large enough, noise where it is tiny (every pixel counts there)."""
-    if min(width, height) >= 8:
-        return shape_image((40 * seed % 255, 120, 200), ["ellipse", "rectangle", "polygon"][seed % 3],
-                           (width, height), seed)
-    return rgb_image(width, height, seed)
-
-
-# (width, height): downscaling and upscaling, both orientations, 1-pixel sides, sizes at the crop, and the
-# extreme aspect ratios up to the exact path's limit (MAX_EXACT_ASPECT)
-SHAPES = [(640, 480), (480, 640), (1000, 700), (333, 1001), (97, 61), (37, 300), (3, 3), (1, 1), (1, 20), (20, 1),
-          (224, 224), (225, 224), (224, 500), (500, 224), (300, 299), (2048, 1536),
-          (SIZE * MAX_EXACT_ASPECT, SIZE), (SIZE, SIZE * MAX_EXACT_ASPECT), (20 * 50, 50), (11, 11 * 20),
-          # both sides of Pillow's choice of pass order (resize.vertical_first), and tall images that grow
-          (230, 460), (230, 461), (225, 451), (333, 1001), (100, 250), (50, 101)]
 
 
 def test_generated_images_of_every_shape_equal_pil_byte_for_byte():

@@ -14,6 +14,7 @@ import traceback
 from multiprocessing import get_context
 
 import numpy as np
+from PIL import Image
 
 from pipeline.bench.photos import benchmark_photos, corrupted_jpegs
 from pipeline.config import JobCfg
@@ -21,25 +22,28 @@ from pipeline.embed.demo import encode_image, shape_image
 from pipeline.embed.image import MAX_EXACT_ASPECT, SampleError, decode_image
 
 SIZE, MAX_PIXELS = 224, 50_000_000
-# downscaling and upscaling, both orientations, 1-pixel sides, the extreme aspect ratios the exact path takes,
-# both sides of Pillow's pass-order rule (resize.vertical_first)
-SHAPES = [(640, 480), (480, 640), (1000, 700), (333, 1001), (97, 61), (3, 3), (1, 1), (1, 20), (20, 1), (224, 224),
-          (300, 299), (2048, 1536), (SIZE * MAX_EXACT_ASPECT, SIZE), (SIZE, SIZE * MAX_EXACT_ASPECT), (230, 460),
-          (230, 461)]
+# (width, height): downscaling and upscaling, both orientations, 1-pixel sides, sizes at the crop, and the
+# extreme aspect ratios up to the exact path's limit (MAX_EXACT_ASPECT); both sides of Pillow's choice of pass
+# order (resize.vertical_first), and tall images that grow. tests/test_resize.py checks them against PIL.
+SHAPES = [(640, 480), (480, 640), (1000, 700), (333, 1001), (97, 61), (37, 300), (3, 3), (1, 1), (1, 20), (20, 1),
+          (224, 224), (225, 224), (224, 500), (500, 224), (300, 299), (2048, 1536),
+          (SIZE * MAX_EXACT_ASPECT, SIZE), (SIZE, SIZE * MAX_EXACT_ASPECT), (20 * 50, 50), (11, 11 * 20),
+          (230, 460), (230, 461), (225, 451), (333, 1001), (100, 250), (50, 101)]
+
+
+def generated(width: int, height: int, seed: int) -> Image.Image:
+    """A photo-like scene where it is large enough, noise where it is tiny (every pixel counts there)."""
+    if min(width, height) >= 8:
+        return shape_image((40 * seed % 255, 120, 200), ["ellipse", "rectangle", "polygon"][seed % 3],
+                           (width, height), seed)
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
 def shapes_as_tensors():
     import torch
 
-    images = []
-    for seed, (width, height) in enumerate(SHAPES):
-        if min(width, height) >= 8:
-            image = np.asarray(shape_image((40 * seed % 255, 120, 200), ["ellipse", "rectangle", "polygon"][seed % 3],
-                                           (width, height), seed).convert("RGB"))
-        else:
-            image = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-        images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous())
-    return images
+    return [torch.from_numpy(np.array(generated(w, h, seed).convert("RGB"))).permute(2, 0, 1).contiguous()
+            for seed, (w, h) in enumerate(SHAPES)]
 
 
 def exact_reason(payload: bytes) -> str | None:
