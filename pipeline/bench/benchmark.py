@@ -128,7 +128,8 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
                                               [caption(rng) for _ in range(fidelity_photos)],
                                               "cuda" if gpu_available() else "cpu",
                                               lower_precision=next((p for p in precisions if p != "fp32"), None))
-        report["fidelity"]["corrupted_jpegs"] = corrupted_routing(min(10 * fidelity_photos, 2000), seed=0)
+        report["fidelity"]["corrupted_jpegs"] = corrupted_routing(min(10 * fidelity_photos, 2000), 0,
+                                                                  cfg.read.image_size, cfg.read.max_image_pixels)
         lap("fidelity")
     report["total_s"] = round(time.perf_counter() - started, 1)
     return report

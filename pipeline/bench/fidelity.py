@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 
-from pipeline.config import JobCfg
+from pipeline.config import JobCfg, ReadCfg
 from pipeline.embed.image import SampleError, decode_image
 
 
@@ -87,7 +87,8 @@ def similarity_deviation(reference: np.ndarray, other: np.ndarray) -> dict:
             "decided_differently": {str(t): float(np.mean((reference >= t) != (other >= t))) for t in (0.2, 0.25, 0.3)}}
 
 
-def corrupted_routing(count: int, seed: int, size: int = 224, max_pixels: int = 89_478_485) -> dict:
+def corrupted_routing(count: int, seed: int, size: int = ReadCfg.image_size,
+                      max_pixels: int = ReadCfg.max_image_pixels) -> dict:
     """JPEGs corrupted after their first bytes (photos.corrupted_jpegs): of those the exact path fails on, how
     many the read tasks keep from the device decoder (all must be: a GPU decoder may decode what libjpeg
     rejects); of those it decodes, how many are kept from it too (they only cost speed)."""

@@ -1,7 +1,7 @@
 """The embed job's stages driven without Ray, for the benchmark on a machine that has no Ray (the lent GPU box).
 
 Read + tokenize (+ decode, with read.decode_on=tasks) run in a pool of worker processes; each encoder is a
-process of its own (EncoderProcess: spawned, with its own CUDA context and host thread, as a Ray actor is),
+process of its own (EncoderProcesses: spawned, with its own CUDA context and host thread, as a Ray actor is),
 running encoder.batches_in_flight batches at once on threads: the job's own stage functions (read.read_shards,
 preprocess.preprocess, encode.Encoder), without Ray's object store, scheduling or the Parquet commit protocol.
 encoder.actors encoders share the machine's GPUs at encoder.num_gpus each (0.5: two per GPU). As with Ray's
@@ -194,6 +194,7 @@ class EncoderProcesses:
             if process.is_alive():
                 process.kill()
         return dict(counts)
+
 
 def run_without_ray(cfg: JobCfg, shard_urls: list[str], random_weights: bool, tokenizer: tuple[str, str | None],
                     out: Path) -> dict:

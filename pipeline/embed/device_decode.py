@@ -23,11 +23,12 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from pipeline.config import ReadCfg
 from pipeline.embed.image import MAX_EXACT_ASPECT, SampleError, decode_image, resize_geometry
 from pipeline.embed.resize import resize_center_crop_batch
 
 EXIF_ORIENTATION = 0x0112
-JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
+JPEG_START = b"\xff\xd8"
 
 
 def device_decodable(payload: bytes | None, size: int, max_pixels: int) -> int:
@@ -179,7 +180,7 @@ def surface_device_failure(exc: Exception) -> None:
 class DeviceDecoder:
     """Bytes of a batch's images in; N x 3 x size x size uint8 on the device and an error (or None) per image out."""
 
-    def __init__(self, device, size: int, max_pixels: int, chunk_pixels: int = 256_000_000):
+    def __init__(self, device, size: int, max_pixels: int, chunk_pixels: int = ReadCfg.device_decode_pixels):
         """chunk_pixels: the most source pixels (width x height, summed) decoded at once; a batch of larger
         images is decoded and resized in chunks under it, so that their full-size pixels never all sit in
         the device's memory at once (an image larger than it alone)."""
