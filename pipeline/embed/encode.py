@@ -72,7 +72,7 @@ def cast_for_autocast(model, dtype) -> None:
     """Cast once the weights that autocast would cast on every forward pass: those of the linear and
     convolution layers, which autocast runs in `dtype`. Their results are the same (autocast's cast of a
     weight already in `dtype` is a no-op), without a cast of every weight per batch and with half the
-    memory. Embeddings and layer norms keep float32, as autocast runs them."""
+    memory. Embeddings and layer norms keep float32, as autocast runs them. (dtype float32 undoes it.)"""
     import torch
 
     for module in model.modules():
@@ -191,12 +191,7 @@ class Encoder:
         import torch
 
         for tower in (self.text_model, self.image_model):
-            if once:
-                cast_for_autocast(tower, self.autocast_dtype)
-            else:
-                for module in tower.modules():
-                    if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                        module.float()
+            cast_for_autocast(tower, self.autocast_dtype if once else torch.float32)
         self._thread = threading.local()  # captured graphs point at the old weights: drop them (and the streams)
 
     def _stream(self):
