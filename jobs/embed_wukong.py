@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir
 
 from pipeline.config import dump, load_config  # noqa: E402
-from pipeline.logs import drop_false_alarms  # noqa: E402
+from pipeline.logs import drop_false_alarms, print_summary  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     report = {k: summary[k] for k in ("run_id", "shards_in_input", "shards_skipped_already_committed",
                                       "shards_committed", "shards_failed", "samples", "ok", "error",
                                       "errors_by_reason", "pairs_per_s", "wall_s", "random_weights")}
-    print("summary: " + json.dumps(report, ensure_ascii=False), flush=True)
+    print_summary(report)
     for url, reason in summary["failed_shards"].items():
         print(f"failed shard {url}: {reason}", file=sys.stderr)
     return 1 if summary["failed_shards"] else 0

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.curate.run import load_filter_config  # noqa: E402
-from pipeline.logs import drop_false_alarms  # noqa: E402
+from pipeline.logs import drop_false_alarms, print_summary  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         report["concepts"] = {r["name"]: r["dropped"] for r in summary["concepts"]["rules"]}
     if summary["duplicates"]:
         report["duplicates"] = {k: summary["duplicates"][k] for k in ("near_duplicate", "matches_reference", "groups")}
-    print("summary: " + json.dumps(report, ensure_ascii=False), flush=True)
+    print_summary(report)
     for name, problem in summary["problems"].items():
         print(f"not done in full: {name}: {problem}", file=sys.stderr)
     return 1 if summary["problems"] else 0

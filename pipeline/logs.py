@@ -1,4 +1,5 @@
-"""What a job prints: one known false alarm of Ray's C++ core worker is dropped from the driver's stderr.
+"""What a job prints: its summary line on stdout in one piece; one known false alarm of Ray's C++ core worker
+dropped from the driver's stderr.
 
 Ray Data 2.60 hands every actor of an actor pool its map function and DataContext as object-store
 references, with actor restarts on (max_restarts=-1, what lets the pool survive a lost node), and Ray's
@@ -12,6 +13,7 @@ pipe in front of the descriptor, not a Python logging filter. Every other line p
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import sys
 import threading
@@ -49,3 +51,11 @@ def drop_false_alarms(patterns: tuple[bytes, ...] = FALSE_ALARMS) -> None:
         thread.join(timeout=2)
 
     atexit.register(restore)
+
+
+def print_summary(report: dict) -> None:
+    """`summary: {json}` on stdout as one write: print() writes the line and its end apart, and where stdout
+    and stderr share a file (`ray job submit`'s log, `2>&1`) a log line written between the two ended up on
+    the summary's line (seen in the chaos test's log)."""
+    sys.stdout.write("summary: " + json.dumps(report, ensure_ascii=False) + "\n")
+    sys.stdout.flush()

@@ -30,3 +30,26 @@ def test_only_the_known_false_alarm_is_dropped():
     assert "no newline at the end, then a crash: " in result.stderr
     assert "RuntimeError: the traceback must survive the filter" in result.stderr
     assert result.stdout == "stdout is untouched\n"
+
+
+def test_the_summary_line_is_written_in_one_piece(monkeypatch):
+    """Where stdout and stderr share a file (`ray job submit`'s log, `2>&1`), a line written between the summary
+    and its line end would end up on the summary's line: the line and its end go in one write."""
+    import json as json_module
+
+    from pipeline.logs import print_summary
+
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    print_summary({"samples": 3, "errors_by_reason": {"图片": 1}})
+    assert len(writes) == 1 and writes[0].startswith("summary: ") and writes[0].endswith("}\n")
+    assert json_module.loads(writes[0][len("summary: "):]) == {"samples": 3, "errors_by_reason": {"图片": 1}}
