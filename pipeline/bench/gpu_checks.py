@@ -222,16 +222,17 @@ def run_gpu_checks(cfg: JobCfg, device: str = "cuda", checks: dict | None = None
     process = context.Process(target=checks_in_this_process, args=(checks, device, cfg, sender), daemon=True)
     process.start()
     sender.close()
-    results, deadline = {}, time.monotonic() + timeout_s
+    results, deadline, gone = {}, time.monotonic() + timeout_s, False
     while len(results) < len(checks) and time.monotonic() < deadline:
         if not receiver.poll(1.0):
             continue
         try:
             name, result = receiver.recv()
-        except EOFError:  # the process is gone
+        except EOFError:  # the process is gone (it may still be exiting: its pipe closes first)
+            gone = True
             break
         results[name] = result
-    timed_out = len(results) < len(checks) and process.is_alive()
+    timed_out = len(results) < len(checks) and not gone
     process.join(timeout=0 if timed_out else 30)
     if process.is_alive():
         process.kill()
