@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -124,10 +125,10 @@ class GraphedTower:
 
 
 def running_node() -> str:
-    """The Ray node this process runs on ("local" outside Ray: the benchmark's in-process run)."""
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    """The Ray node this process runs on ("local" outside Ray: the benchmark's run without Ray, also where
+    Ray is not installed, as on a lone GPU machine)."""
+    ray = sys.modules.get("ray")  # a Ray worker has imported it; importing it here would only cost time
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else "local"
 
 
 class Encoder:
