@@ -83,3 +83,42 @@ def test_a_tower_whose_cuda_graph_capture_fails_runs_eagerly_with_a_warning(tiny
         "is capturing",
         "CUDA graph capture of the text tower failed, running it eagerly: operation not permitted when stream "
         "is capturing"]
+
+
+def test_batches_in_flight_capture_their_cuda_graphs_one_at_a_time(tiny_models, tmp_path, monkeypatch):
+    """Each batch in flight captures its own graphs on its first batch, so two threads start together; PyTorch
+    allows one capture underway per process (torch.cuda.graph: one shared capture stream, and a device-wide
+    synchronize at its start, which breaks another capture). The captures queue behind each other; each
+    thread's batch still gets its embeddings. (On CPU the capture is a stand-in that takes its time.)"""
+    import threading
+    import time
+
+    encoder, pixels, ids, _ = encoder_and_inputs(tiny_models, tmp_path, 6)
+    eager = encoder.embed(pixels, ids)
+    inside, most, captures = [0], [0], []
+
+    def capture(self, rows):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        captures.append((threading.get_ident(), self.name))
+        time.sleep(0.3)
+        inside[0] -= 1
+        raise RuntimeError("a stand-in capture (no GPU here)")
+
+    monkeypatch.setattr(encode.GraphedTower, "capture", capture)
+    encoder.cuda_graphs = True  # on CPU only for this test: the config refuses it without a GPU
+    results = [None, None]
+
+    def in_flight(i):
+        results[i] = encoder.embed(pixels, ids)
+
+    threads = [threading.Thread(target=in_flight, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(captures) == 4 and len({thread for thread, _ in captures}) == 2  # image and text, in each thread
+    assert most[0] == 1
+    for result in results:
+        for ours, theirs in zip(result, eager):
+            assert np.array_equal(ours, theirs)

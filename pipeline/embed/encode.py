@@ -81,6 +81,14 @@ def cast_for_autocast(model, dtype) -> None:
             module.to(dtype)
 
 
+# One capture at a time in a process: torch.cuda.graph documents that only one capture may be underway (it
+# captures every graph on one shared stream of its own), and it starts with a device-wide synchronize, which
+# invalidates another thread's capture in progress whatever its capture mode. Each batch in flight captures on
+# its first batch, so without this lock the threads' captures would start together. Other threads' eager work
+# (decode, copies, replays) goes on meanwhile: that is what capture_error_mode="thread_local" allows.
+CAPTURE_LOCK = threading.Lock()
+
+
 class GraphedTower:
     """A tower captured as a CUDA graph at the first input's shape (always encoder.batch_size: at_fixed_shape),
     then replayed: the input copied into the graph's own buffer, one launch, the output copied out. Where the
@@ -95,13 +103,15 @@ class GraphedTower:
         if self.failed:
             return self.forward(rows)
         if self.graph is None:
-            try:
-                self.capture(rows)
-            except Exception as exc:  # noqa: BLE001 - eager still gives the same embeddings
-                log.warning("CUDA graph capture of the %s tower failed, running it eagerly: %s", self.name, exc)
-                self.failed = True
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()  # a failed capture's error, if any, surfaces here and not later
+            with CAPTURE_LOCK:
+                try:
+                    self.capture(rows)
+                except Exception as exc:  # noqa: BLE001 - eager still gives the same embeddings
+                    log.warning("CUDA graph capture of the %s tower failed, running it eagerly: %s", self.name, exc)
+                    self.failed = True
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()  # a failed capture's error, if any, surfaces here and not later
+            if self.failed:
                 return self.forward(rows)
         self.static_input.copy_(rows)
         self.graph.replay()
