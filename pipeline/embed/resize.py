@@ -8,14 +8,16 @@ and rounds to 8 bit, then the vertical pass. Only the crop's rows and columns ar
 weights do not depend on the others, so that is the same as resizing everything and cropping.
 
 Batched: the images go into one zero-padded N x 3 x H x W buffer by one gather from their packed bytes; each
-pass gathers every output pixel's taps for all images at once (a per-image table of input index and weight)
-and sums them in int32, as Pillow does (|sum| <= 255 * 1.3 * 2^22 < 2^31). The number of device operations
-per batch does not depend on the number of images. The same code runs on CPU (CI) and CUDA.
+pass gathers every output pixel's taps for all images at once (a table of input index and weight per output
+pixel, itself computed for the whole batch on the device) and sums them in int32, as Pillow does
+(|sum| <= 255 * 1.3 * 2^22 < 2^31). The number of device operations per batch does not depend on the number
+of images (the tables' running sums take one per tap of the widest window). The same code runs on CPU (CI)
+and CUDA.
 """
 
 from __future__ import annotations
 
-import functools
+import math
 
 import numpy as np
 
@@ -25,56 +27,64 @@ PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images
 SUPPORT = 2.0        # bicubic
 
 
-def bicubic(x: np.ndarray) -> np.ndarray:
-    """Pillow's bicubic_filter (a = -0.5), in double precision, in its operation order."""
+def bicubic(x):
+    """Pillow's bicubic_filter (a = -0.5) on a float64 tensor, in its operation order."""
+    import torch
+
     a = -0.5
-    x = np.abs(x)
+    x = x.abs()
     inner = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
     outer = (((x - 5) * x + 8) * x - 4) * a
-    return np.where(x < 1.0, inner, np.where(x < 2.0, outer, 0.0))
+    return torch.where(x < 1.0, inner, torch.where(x < 2.0, outer, 0.0))
 
 
 def window(in_size: int, out_size: int) -> int:
     """Pillow's ksize: the most input pixels one output pixel of an in_size -> out_size resize reads."""
-    return int(np.ceil(SUPPORT * max(in_size / out_size, 1.0))) * 2 + 1
+    return math.ceil(SUPPORT * max(in_size / out_size, 1.0)) * 2 + 1
 
 
-@functools.lru_cache(maxsize=4096)  # a dataset has few distinct image sizes
-def coefficients(in_size: int, out_size: int, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pillow's precompute_coeffs + normalize_coeffs_8bpc for output pixels first..first+count-1 of an
-    in_size -> out_size resize along one axis: (xmin per output pixel, count x taps int64 fixed-point weights)."""
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
+def normalised_weights(sizes: list[int], outs: list[int], firsts: list[int], size: int, device):
+    """Pillow's precompute_coeffs, for the whole batch at once along one axis: for each image n (an
+    sizes[n] -> outs[n] resize) and each of its output pixels firsts[n]..firsts[n]+size-1, the first input
+    pixel it reads (xmin, N x size x 1) and its normalised weights (N x size x taps; 0 past its window), in
+    float64 on `device`. Every operation is Pillow's, in its order, one IEEE operation at a time, so CPU and
+    CUDA give Pillow's doubles; the weights' sum is Pillow's running sum (numpy's or torch's sum adds in
+    another order, a last bit apart in ~10% of output pixels)."""
+    import torch
+
+    f64 = {"dtype": torch.float64, "device": device}
+    taps = max(window(i, o) for i, o in zip(sizes, outs))
+    in_size = torch.tensor(sizes, **f64).view(-1, 1, 1)
+    scale = in_size / torch.tensor(outs, **f64).view(-1, 1, 1)
+    filterscale = scale.clamp(min=1.0)
     support = SUPPORT * filterscale
-    taps = window(in_size, out_size)
-    out = np.arange(first, first + count, dtype=np.float64)
+    out = torch.tensor(firsts, **f64).view(-1, 1, 1) + torch.arange(size, **f64).view(1, -1, 1)
     center = (out + 0.5) * scale
     ss = 1.0 / filterscale
-    xmin = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
-    xmax = np.minimum(np.trunc(center + support + 0.5), in_size).astype(np.int64) - xmin
-    x = np.arange(taps, dtype=np.float64)[None, :]
-    weights = np.where(x < xmax[:, None], bicubic((x + xmin[:, None] - center[:, None] + 0.5) * ss), 0.0)
-    total = weights.sum(axis=1, keepdims=True)
-    weights = np.where(total != 0.0, weights / np.where(total != 0.0, total, 1.0), weights)
-    fixed = np.where(weights < 0, np.trunc(-0.5 + weights * (1 << PRECISION_BITS)),
-                     np.trunc(0.5 + weights * (1 << PRECISION_BITS)))
-    return xmin, fixed.astype(np.int64)
+    xmin = torch.trunc(center - support + 0.5).clamp(min=0)
+    xmax = torch.minimum(torch.trunc(center + support + 0.5), in_size) - xmin
+    x = torch.arange(taps, **f64).view(1, 1, -1)
+    weights = torch.where(x < xmax, bicubic((x + xmin - center + 0.5) * ss), 0.0)
+    total = weights[..., 0]
+    for k in range(1, taps):  # ww += w, tap by tap (a loop over the window, not over the images)
+        total = total + weights[..., k]
+    total = total.unsqueeze(-1)
+    return xmin, torch.where(total != 0.0, weights / torch.where(total != 0.0, total, 1.0), weights)
 
 
-def tap_table(sizes: list[int], outs: list[int], firsts: list[int], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N x size x taps input index, N x size x taps fixed-point weight) for each image's output pixels
-    firsts[n]..firsts[n]+size-1 along one axis; taps past an image's window have weight 0 (index 0)."""
-    tables = [coefficients(i, o, f, size) for i, o, f in zip(sizes, outs, firsts)]
-    taps = max(fixed.shape[1] for _, fixed in tables)
-    index = np.zeros((len(tables), size, taps), dtype=np.int64)
-    weight = np.zeros((len(tables), size, taps), dtype=np.int32)
-    for n, ((xmin, fixed), in_size) in enumerate(zip(tables, sizes)):
-        k = fixed.shape[1]
-        rows = xmin[:, None] + np.arange(k)[None, :]
-        inside = rows < in_size
-        index[n, :, :k] = np.where(inside, rows, 0)
-        weight[n, :, :k] = np.where(inside, fixed, 0)
-    return index, weight
+def tap_table(sizes: list[int], outs: list[int], firsts: list[int], size: int, device):
+    """(N x size x taps int64 input index, N x size x taps int32 fixed-point weight) on `device` for each
+    image's output pixels firsts[n]..firsts[n]+size-1 along one axis (normalised_weights, then Pillow's
+    normalize_coeffs_8bpc); taps past an image's window have weight 0 (index 0). A fixed number of device
+    operations for any number of images, and no work per image on the host."""
+    import torch
+
+    xmin, weights = normalised_weights(sizes, outs, firsts, size, device)
+    scaled = weights * (1 << PRECISION_BITS)
+    fixed = torch.where(weights < 0, torch.trunc(scaled - 0.5), torch.trunc(scaled + 0.5)).to(torch.int32)
+    index = xmin + torch.arange(weights.shape[-1], dtype=torch.float64, device=device).view(1, 1, -1)
+    inside = index < torch.tensor(sizes, dtype=torch.float64, device=device).view(-1, 1, 1)
+    return torch.where(inside, index, 0.0).to(torch.int64), torch.where(inside, fixed, 0)
 
 
 def round_fixed_point(acc):
@@ -159,15 +169,13 @@ def resize_chunk(images: list, seen: list[tuple], size: int):
     batch = packed[index].to(torch.int32)                                    # N x 3 x H x W
 
     # horizontal pass: for each crop column, its taps gathered from every row, weighted, summed
-    cols, col_weights = (torch.from_numpy(a).to(device) for a in tap_table(
-        widths, [v[2] for v in seen], [v[5] for v in seen], size))
+    cols, col_weights = tap_table(widths, [v[2] for v in seen], [v[5] for v in seen], size, device)
     taps = cols.shape[2]
     gathered = batch.gather(3, cols.view(n, 1, 1, size * taps).expand(n, 3, max_h, size * taps))
     rows = round_fixed_point((gathered.view(n, 3, max_h, size, taps) * col_weights[:, None, None])
                              .sum(-1, dtype=torch.int32))
     # vertical pass: for each crop row, its taps gathered from the rounded rows
-    lines, line_weights = (torch.from_numpy(a).to(device) for a in tap_table(
-        heights, [v[3] for v in seen], [v[4] for v in seen], size))
+    lines, line_weights = tap_table(heights, [v[3] for v in seen], [v[4] for v in seen], size, device)
     taps = lines.shape[2]
     gathered = rows.gather(2, lines.view(n, 1, size * taps, 1).expand(n, 3, size * taps, size))
     crop = round_fixed_point((gathered.view(n, 3, size, taps, size) * line_weights[:, None, :, :, None])
