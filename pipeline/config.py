@@ -62,6 +62,10 @@ class ReadCfg:
     # decode_on=encoder: the most source pixels (width x height, summed over images) decoded on the device at
     # once; a batch of larger images is decoded and resized in chunks under it (256M: ~0.8 GB of RGB)
     device_decode_pixels: int = 256_000_000
+    # decode_on=encoder on a GPU: the batched resize as torch operations (torch) or as two fused Triton kernels
+    # (triton: the same bytes, tests/test_resize_kernel.py; triton comes with CUDA builds of torch); torch until
+    # a GPU measurement shows which is faster
+    device_resize: str = "torch"
     # node labels the read tasks are scheduled on (Ray label_selector), e.g. {node-kind: cpu} keeps the
     # decode work on CPU-only nodes; {} = any node with free CPUs
     node_labels: dict[str, str] = field(default_factory=dict)
@@ -317,6 +321,12 @@ def validate(cfg: JobCfg) -> None:
     if cfg.encoder.num_gpus > 1 and cfg.encoder.num_gpus != int(cfg.encoder.num_gpus):
         raise ValueError(f"encoder.num_gpus: a fraction of one GPU (0.5: two actors per GPU) or a whole number "
                          f"of GPUs per actor, got {cfg.encoder.num_gpus:g}")
+    if cfg.read.device_resize not in ("torch", "triton"):
+        raise ValueError(f"read.device_resize: expected torch or triton, got {cfg.read.device_resize!r}")
+    if cfg.read.device_resize == "triton" and (cfg.read.decode_on != "encoder" or cfg.encoder.num_gpus == 0
+                                                or cfg.encoder.device == "cpu"):
+        raise ValueError("read.device_resize: triton resizes on the encoder's GPU: it needs read.decode_on=encoder "
+                         "and encoder.num_gpus > 0 (device auto or cuda)")
     if cfg.encoder.cuda_graphs and (cfg.encoder.num_gpus == 0 or cfg.encoder.device == "cpu"):
         raise ValueError("encoder.cuda_graphs: needs the towers on a GPU (encoder.num_gpus > 0, device auto or cuda)")
     if cfg.encoder.device == "cuda" and cfg.encoder.num_gpus == 0:

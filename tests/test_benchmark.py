@@ -299,3 +299,21 @@ def test_a_benchmark_that_fails_half_way_keeps_what_it_measured(tmp_path, monkey
     report = json.loads(out.read_text())
     assert code == 1 and "RuntimeError: the end-to-end run broke" in report["failed"]
     assert report["cpu"]["decode_images_per_s_per_core"] > 0 and "fp32_ceiling_before" in report["phase_s"]
+
+
+def test_the_table_gives_the_gpu_decode_rate_of_each_resize():
+    """The GPU run times the device path with each read.device_resize; the table says both, or why one failed."""
+    from pipeline.bench.table import format_table
+
+    e2e = {"steady_pairs_per_s": 10.0, "whole_run_pairs_per_s": 8.0, "gpu_busy_steady": 0.5, "startup_s": 1.0,
+           "peak_memory_mib": 900.0, "parquet_bytes_per_pair": 2100.0}
+    cpu = {"decode_images_per_s_per_core": 1.0, "encoder_path_on_cpu_images_per_s_per_core": 1.0,
+           "mean_jpeg_kb": 1.0, "tokenize_captions_per_s_per_core": 1.0, "gpu_decode_resize_images_per_s": 5949.0,
+           "gpu_decode_resize_triton_images_per_s": 12000.5}
+    report = {"models": {"random_weights": False}, "ray": False, "encoder_batch_size": 512, "cpu": cpu,
+              "runs": {"fp16": {"encoder_ceiling": {"pairs_per_s": 20.0, "model_load_s": 1.0},
+                                "decode_on": {"encoder": {"end_to_end": e2e, "whole_run_ratio": 0.4}}}}}
+    line = next(line for line in format_table(report).splitlines() if line.startswith("GPU decode"))
+    assert "5949.0 images/s with the torch resize, 12000.5 with the fused Triton kernels" in line
+    cpu["gpu_decode_resize_triton_images_per_s"] = "FAILED: ImportError: no triton"
+    assert "FAILED: ImportError: no triton with the fused" in format_table(report)

@@ -41,6 +41,8 @@ def test_yaml_and_overrides(tmp_path):
     ("encoder.batches_in_flight=0", "encoder.batches_in_flight: must be > 0"),
     ("encoder.num_gpus=-1", "encoder.num_gpus: must be >= 0"),
     ("encoder.cuda_graphs=true", "encoder.cuda_graphs: needs the towers on a GPU"),
+    ("read.device_resize=cuda", "read.device_resize: expected torch or triton, got 'cuda'"),
+    ("read.device_resize=triton", "read.device_resize: triton resizes on the encoder's GPU"),
     ("encoder.num_gpus=1.5", "encoder.num_gpus: a fraction of one GPU (0.5: two actors per GPU) or a whole number"),
     ("overwrite=maybe", "overwrite: expected bool"),
     ("model.precision=fp16", "fp16 needs a GPU"),

@@ -69,6 +69,22 @@ def check_resize_same_bytes_as_on_cpu(device: str, cfg: JobCfg | None = None) ->
     assert bool((chunked == on_device).all()), "chunks under a budget give other bytes"
 
 
+def check_fused_resize_same_bytes_as_torch(device: str, cfg: JobCfg | None = None) -> None:
+    """read.device_resize=triton: the fused kernels give the torch version's bytes on the device, whole and in
+    chunks. (On CPU, the dry run, nothing: the kernels need a GPU or Triton's interpreter, which
+    tests/test_resize_kernel.py runs.)"""
+    if device != "cuda":
+        return
+    from pipeline.embed.resize import resize_center_crop_batch
+
+    images = [i.to(device) for i in shapes_as_tensors()]
+    torch_bytes = resize_center_crop_batch(images, SIZE)
+    for budget in (1 << 27, 1_000_000):
+        fused = resize_center_crop_batch(images, SIZE, budget=budget, kernel="triton")
+        differing = [int((a != b).sum()) for a, b in zip(fused, torch_bytes)]
+        assert differing == [0] * len(images), f"budget {budget}, differing bytes: {dict(zip(SHAPES, differing))}"
+
+
 def check_device_decode_in_one_batch(device: str, cfg: JobCfg | None = None) -> None:
     """Baseline JPEGs take the device decoder (nvJPEG on CUDA) in one call, none on the CPU; the pixels are close
     to the exact path's (nvJPEG's IDCT and chroma upsampling differ from libjpeg's: BENCHMARKS.md, "GPU")."""
@@ -201,7 +217,7 @@ def check_cuda_graphs_give_the_eager_embeddings(device: str, cfg: JobCfg) -> Non
 
 
 CHECKS = {check.__name__.removeprefix("check_"): check for check in (
-    check_resize_same_bytes_as_on_cpu, check_device_decode_in_one_batch, check_corrupted_jpegs_get_the_exact_rows,
+    check_resize_same_bytes_as_on_cpu, check_fused_resize_same_bytes_as_torch, check_device_decode_in_one_batch, check_corrupted_jpegs_get_the_exact_rows,
     check_decode_chunks_under_the_pixel_budget, check_encoder_fixed_shape_and_streams,
     check_cuda_graphs_give_the_eager_embeddings)}
 

@@ -56,8 +56,10 @@ def format_table(report: dict) -> str:
                  f"{cpu['mean_jpeg_kb']} KiB; {cpu['tokenize_captions_per_s_per_core']} captions/s tokenized"
                  + (f"; Ray start {report['ray_start_s']} s" if report["ray"] else ""))
     if "gpu_decode_resize_images_per_s" in cpu:
-        lines.append(f"GPU decode + resize (nvJPEG, batch {report['encoder_batch_size']}): "
-                     f"{cpu['gpu_decode_resize_images_per_s']} images/s")
+        lines.append(f"GPU decode + resize (nvJPEG, batch {report['encoder_batch_size']}, one thread): "
+                     f"{cpu['gpu_decode_resize_images_per_s']} images/s with the torch resize, "
+                     f"{cpu.get('gpu_decode_resize_triton_images_per_s', 'not measured')} with the fused Triton "
+                     "kernels (read.device_resize)")
     if "fidelity" in report:
         f = report["fidelity"]
         lines.append(f"fidelity, decode_on=encoder vs the exact path, {f['photos']} photos on {f['device']} "

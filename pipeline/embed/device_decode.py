@@ -180,11 +180,19 @@ def surface_device_failure(exc: Exception) -> None:
 class DeviceDecoder:
     """Bytes of a batch's images in; N x 3 x size x size uint8 on the device and an error (or None) per image out."""
 
-    def __init__(self, device, size: int, max_pixels: int, chunk_pixels: int = ReadCfg.device_decode_pixels):
+    def __init__(self, device, size: int, max_pixels: int, chunk_pixels: int = ReadCfg.device_decode_pixels,
+                 resize: str = ReadCfg.device_resize):
         """chunk_pixels: the most source pixels (width x height, summed) decoded at once; a batch of larger
         images is decoded and resized in chunks under it, so that their full-size pixels never all sit in
-        the device's memory at once (an image larger than it alone)."""
+        the device's memory at once (an image larger than it alone). resize: read.device_resize."""
         self.device, self.size, self.max_pixels, self.chunk_pixels = device, size, max_pixels, chunk_pixels
+        self.resize = resize
+        if resize == "triton":
+            try:
+                import triton  # noqa: F401
+            except ImportError as exc:
+                raise RuntimeError("read.device_resize=triton needs triton (it comes with CUDA builds of torch on "
+                                   "Linux), or set read.device_resize=torch") from exc
         if device.type == "cuda":
             try:
                 from torchvision.io import decode_jpeg  # noqa: F401
@@ -215,7 +223,8 @@ class DeviceDecoder:
             decoded = [(i, image) for i, image in zip(chunk, self.decode_jpegs([payloads[i] for i in chunk]))
                        if image is not None]
             if decoded:
-                images[[i for i, _ in decoded]] = resize_center_crop_batch([image for _, image in decoded], self.size)
+                images[[i for i, _ in decoded]] = resize_center_crop_batch([image for _, image in decoded], self.size,
+                                                                           kernel=self.resize)
             done |= {i for i, _ in decoded}
         self.on_device += len(done)
         if isinstance(pixels, pa.ChunkedArray):

@@ -178,7 +178,7 @@ class Encoder:
             from pipeline.embed.device_decode import DeviceDecoder
 
             self.decoder = DeviceDecoder(self.device, cfg.read.image_size, cfg.read.max_image_pixels,
-                                         cfg.read.device_decode_pixels)
+                                         cfg.read.device_decode_pixels, cfg.read.device_resize)
         # each batch in flight (encoder.batches_in_flight) has its own stream and CUDA graphs
         self._thread = threading.local()
         # "{node}:{actor}": tells this actor's batches apart in the driver's steady-state rate, and says in the run

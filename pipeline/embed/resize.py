@@ -92,32 +92,40 @@ def round_fixed_point(acc):
     return ((acc + (1 << (PRECISION_BITS - 1))) >> PRECISION_BITS).clamp_(0, 255)
 
 
-def resize_center_crop_batch(images: list, size: int, budget: int = 1 << 27):
+def resize_center_crop_batch(images: list, size: int, budget: int = 1 << 27, kernel: str = "torch"):
     """3 x H x W uint8 tensors (one device) -> N x 3 x size x size uint8: shortest edge to `size` with PIL's
     bicubic, then the center crop, byte for byte as image.resize_center_crop on the same pixels. Aspect
     ratios beyond image.MAX_EXACT_ASPECT are the caller's to refuse (the exact path resizes a box there).
+    kernel: "torch" (resize_chunk) or "triton" (resize_kernel.resize_chunk_fused: the same bytes).
 
-    The images go in chunks whose padded batch and horizontal-pass taps (the chunk's tallest image x its
-    widest input, or x size x its widest window) hold at most `budget` int32 values (512 MiB by default),
-    largest first, so that a batch of very large images cannot run the device out of memory (an image larger
-    than that alone still goes, alone)."""
+    The images go in chunks whose working memory (torch: the padded batch and horizontal-pass taps, the
+    chunk's tallest image x its widest input, or x size x its widest window; triton: the rounded rows, its
+    tallest image x size) holds at most `budget` values (int32: 512 MiB by default), largest first, so that a
+    batch of very large images cannot run the device out of memory (an image larger than that alone still
+    goes, alone)."""
     import torch
 
+    if kernel == "triton":
+        from pipeline.embed.resize_kernel import resize_chunk_fused as resize
+    elif kernel == "torch":
+        resize = resize_chunk
+    else:
+        raise ValueError(f"resize kernel: expected torch or triton, got {kernel!r}")
     device = images[0].device if images else "cpu"
     out = torch.zeros((len(images), 3, size, size), dtype=torch.uint8, device=device)
     seen = [oriented(int(i.shape[1]), int(i.shape[2]), size) for i in images]
-    extents = [padded_extent(v, size) for v in seen]
+    extents = [(v[0], size) if kernel == "triton" else padded_extent(v, size) for v in seen]
     chunk, rows, columns = [], 0, 0
     # largest first; the chunk's cost kept as running maxima (this runs on the actor's host thread, per batch)
     for i in sorted(range(len(images)), key=lambda i: -extents[i][0] * extents[i][1]):
         grown = max(rows, extents[i][0]), max(columns, extents[i][1])
         if chunk and (len(chunk) + 1) * 3 * grown[0] * grown[1] > budget:
-            out[chunk] = resize_chunk([images[j] for j in chunk], [seen[j] for j in chunk], size)
+            out[chunk] = resize([images[j] for j in chunk], [seen[j] for j in chunk], size)
             chunk, grown = [], extents[i]
         chunk.append(i)
         rows, columns = grown
     if chunk:
-        out[chunk] = resize_chunk([images[j] for j in chunk], [seen[j] for j in chunk], size)
+        out[chunk] = resize([images[j] for j in chunk], [seen[j] for j in chunk], size)
     return out
 
 
