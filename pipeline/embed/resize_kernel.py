@@ -31,7 +31,8 @@ BLOCK_ROWS = 4  # rows per program on a GPU
 INTERPRETED_BLOCK_ROWS = 64  # in Triton's interpreter (CPU tensors): fewer, larger programs run faster
 
 
-@triton.jit
+# taps and max_h change from chunk to chunk: not specialised on, so each kernel compiles once
+@triton.jit(do_not_specialize=["taps", "max_h"])
 def horizontal_pass(packed, table, cols, col_weights, rows_out, taps, max_h,
                     SIZE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_ROWS: tl.constexpr, BITS: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)  # offsets in the batch's buffers pass 2^31 for large chunks
@@ -54,7 +55,7 @@ def horizontal_pass(packed, table, cols, col_weights, rows_out, taps, max_h,
         tl.store(rows_out + ((n * 3 + c) * max_h + y[:, None]) * SIZE + j[None, :], value, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["taps", "max_h"])
 def vertical_pass(rows_in, table, lines, line_weights, out, taps, max_h,
                   SIZE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_ROWS: tl.constexpr, BITS: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
