@@ -1,8 +1,9 @@
 """The CUDA paths of read.decode_on=encoder and of the encoder, checked on the GPU itself, without pytest.
 
-The lent GPU machine has no pytest and no package registry: `python jobs/benchmark.py --config
-configs/benchmark-gpu.yaml` runs these first and reports them with its figures; tests/test_gpu.py runs the
-same checks under pytest wherever a GPU is present (and, as a dry run of the checks' own code, on CPU).
+The GPU run is one command, so these are part of it: `python jobs/benchmark.py --config
+configs/benchmark-gpu.yaml` runs them first and reports them with its figures (a GPU box without the test
+extra's packages needs no pytest for them); tests/test_gpu.py runs the same checks under pytest wherever a
+GPU is present (and, as a dry run of the checks' own code, on CPU).
 Each check takes the device to check ("cuda"; "cpu" for the dry run) and raises AssertionError on a failure.
 """
 
