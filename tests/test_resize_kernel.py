@@ -55,21 +55,21 @@ def test_the_fused_kernels_give_pils_bytes_in_chunks_and_at_any_block_of_rows():
 
     images = [generated(w, h, seed) for seed, (w, h) in enumerate([(97, 61), (20, 1), (3, 3), (61, 97), (50, 101)])]
     assert differing_bytes(images, budget=3 * 100 * SIZE) == [0] * len(images)  # one or two images a chunk
-    original = resize_kernel.resize_chunk_fused
-    resize_kernel.resize_chunk_fused = lambda *args: original(*args, block_rows=4)
+    original = resize_kernel.fused_passes
+    resize_kernel.fused_passes = lambda *args: original(*args, block_rows=4)
     try:
         assert differing_bytes(images) == [0] * len(images)
     finally:
-        resize_kernel.resize_chunk_fused = original
+        resize_kernel.fused_passes = original
 
 
 def test_a_wrong_rounding_in_the_kernel_is_seen():
     """The comparison can fail: the passes' rounding shift one bit off changes bytes."""
     import pipeline.embed.resize_kernel as resize_kernel
 
-    original = resize_kernel.PRECISION_BITS
-    resize_kernel.PRECISION_BITS = original - 1
+    original = resize_kernel.fused_passes
+    resize_kernel.fused_passes = lambda *args: original(*args[:-1], args[-1] - 1)  # bits
     try:
         assert sum(differing_bytes([generated(97, 61, 1)])) > 0
     finally:
-        resize_kernel.PRECISION_BITS = original
+        resize_kernel.fused_passes = original

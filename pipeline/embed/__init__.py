@@ -4,6 +4,7 @@
     image.py          the exact image protocol on CPU: bytes -> 224x224 uint8 RGB (PIL bicubic, center crop)
     preprocess.py     decode images (or ship their bytes) and tokenize captions; bad samples become error rows
     resize.py         PIL's bicubic resize + center crop for a whole batch at once, in torch: PIL's bytes
+    resize_kernel.py  the same resize's two passes as fused Triton kernels (read.device_resize=triton)
     device_decode.py  read.decode_on=encoder: which JPEGs the device may take (header, compressed data), and
                       their decode + resize on the encoder's own device in chunks (nvJPEG on a GPU)
     model.py          the towers' weights: Hub id or local folder, or random weights of the real architectures

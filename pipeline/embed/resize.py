@@ -96,7 +96,7 @@ def resize_center_crop_batch(images: list, size: int, budget: int = 1 << 27, ker
     """3 x H x W uint8 tensors (one device) -> N x 3 x size x size uint8: shortest edge to `size` with PIL's
     bicubic, then the center crop, byte for byte as image.resize_center_crop on the same pixels. Aspect
     ratios beyond image.MAX_EXACT_ASPECT are the caller's to refuse (the exact path resizes a box there).
-    kernel: "torch" (resize_chunk) or "triton" (resize_kernel.resize_chunk_fused: the same bytes).
+    kernel: "torch" (torch operations) or "triton" (resize_kernel's two fused kernels: the same bytes).
 
     The images go in chunks whose working memory (torch: the padded batch and horizontal-pass taps, the
     chunk's tallest image x its widest input, or x size x its widest window; triton: the rounded rows, its
@@ -105,11 +105,7 @@ def resize_center_crop_batch(images: list, size: int, budget: int = 1 << 27, ker
     goes, alone)."""
     import torch
 
-    if kernel == "triton":
-        from pipeline.embed.resize_kernel import resize_chunk_fused as resize
-    elif kernel == "torch":
-        resize = resize_chunk
-    else:
+    if kernel not in ("torch", "triton"):
         raise ValueError(f"resize kernel: expected torch or triton, got {kernel!r}")
     device = images[0].device if images else "cpu"
     out = torch.zeros((len(images), 3, size, size), dtype=torch.uint8, device=device)
@@ -120,12 +116,12 @@ def resize_center_crop_batch(images: list, size: int, budget: int = 1 << 27, ker
     for i in sorted(range(len(images)), key=lambda i: -extents[i][0] * extents[i][1]):
         grown = max(rows, extents[i][0]), max(columns, extents[i][1])
         if chunk and (len(chunk) + 1) * 3 * grown[0] * grown[1] > budget:
-            out[chunk] = resize([images[j] for j in chunk], [seen[j] for j in chunk], size)
+            out[chunk] = resize_chunk([images[j] for j in chunk], [seen[j] for j in chunk], size, kernel)
             chunk, grown = [], extents[i]
         chunk.append(i)
         rows, columns = grown
     if chunk:
-        out[chunk] = resize([images[j] for j in chunk], [seen[j] for j in chunk], size)
+        out[chunk] = resize_chunk([images[j] for j in chunk], [seen[j] for j in chunk], size, kernel)
     return out
 
 
@@ -151,10 +147,10 @@ def vertical_first(width: int, height: int, new_height: int) -> bool:
     return height > 2 * width and new_height < height
 
 
-def resize_chunk(images: list, seen: list[tuple], size: int):
+def resize_chunk(images: list, seen: list[tuple], size: int, kernel: str = "torch"):
     """One batch of the resize, each image read as oriented() says. An image whose passes Pillow runs vertical
     first is read transposed (by the same gather), resized horizontal first, and its crop transposed back: the
-    same arithmetic in that order."""
+    same arithmetic in that order. kernel "triton": the two passes as resize_kernel's fused kernels."""
     import torch
 
     device = images[0].device
@@ -162,6 +158,13 @@ def resize_chunk(images: list, seen: list[tuple], size: int):
     shapes = [(int(i.shape[1]), int(i.shape[2])) for i in images]
     heights, widths, flip = [v[0] for v in seen], [v[1] for v in seen], [v[6] for v in seen]
     max_h, max_w = max(heights), max(widths)
+    # per axis, each crop pixel's taps: (input index, fixed-point weight)
+    cols, col_weights = tap_table(widths, [v[2] for v in seen], [v[5] for v in seen], size, device)
+    lines, line_weights = tap_table(heights, [v[3] for v in seen], [v[4] for v in seen], size, device)
+    if kernel == "triton":
+        from pipeline.embed.resize_kernel import fused_passes
+
+        return fused_passes(images, seen, (cols, col_weights), (lines, line_weights), size, PRECISION_BITS)
 
     # one packed buffer and one gather into the padded batch (padding reads the zero appended at the end)
     packed = torch.cat([i.reshape(-1) for i in images] + [torch.zeros(1, dtype=torch.uint8, device=device)])
@@ -177,13 +180,11 @@ def resize_chunk(images: list, seen: list[tuple], size: int):
     batch = packed[index].to(torch.int32)                                    # N x 3 x H x W
 
     # horizontal pass: for each crop column, its taps gathered from every row, weighted, summed
-    cols, col_weights = tap_table(widths, [v[2] for v in seen], [v[5] for v in seen], size, device)
     taps = cols.shape[2]
     gathered = batch.gather(3, cols.view(n, 1, 1, size * taps).expand(n, 3, max_h, size * taps))
     rows = round_fixed_point((gathered.view(n, 3, max_h, size, taps) * col_weights[:, None, None])
                              .sum(-1, dtype=torch.int32))
     # vertical pass: for each crop row, its taps gathered from the rounded rows
-    lines, line_weights = tap_table(heights, [v[3] for v in seen], [v[4] for v in seen], size, device)
     taps = lines.shape[2]
     gathered = rows.gather(2, lines.view(n, 1, size * taps, 1).expand(n, 3, size * taps, size))
     crop = round_fixed_point((gathered.view(n, 3, size, taps, size) * line_weights[:, None, :, :, None])

@@ -13,7 +13,8 @@ horizontal pass writes its rounded rows as bytes:
 - pass 2, one program per image and block of crop rows: the same down the columns of that buffer, stored
   at (row, column), or at (column, row) for an image read transposed (resize.oriented).
 
-The coefficient tables are resize.tap_table's (Pillow's doubles, in fixed point), built on the device. On a
+The coefficient tables are resize.tap_table's (Pillow's doubles, in fixed point), built on the device and
+handed in by resize.resize_chunk, which calls these kernels for read.device_resize=triton. On a
 machine without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1), which is how CI checks
 their bytes; triton itself comes with CUDA builds of torch.
 """
@@ -23,8 +24,6 @@ from __future__ import annotations
 import numpy as np
 import triton
 import triton.language as tl
-
-from pipeline.embed.resize import PRECISION_BITS, tap_table
 
 BLOCK_J = 256   # the crop's columns (224) in one block of lanes
 BLOCK_ROWS = 4  # rows per program on a GPU
@@ -77,29 +76,32 @@ def vertical_pass(rows_in, table, lines, line_weights, out, taps, max_h,
         tl.store(out + (n * 3 + c) * SIZE * SIZE + at, value, mask=mask)
 
 
-def resize_chunk_fused(images: list, seen: list[tuple], size: int, block_rows: int | None = None):
-    """resize.resize_chunk's contract (N x 3 x size x size uint8, Pillow's bytes) in two kernel launches.
-    block_rows: rows per program (any power of two gives the same bytes)."""
+def fused_passes(images: list, seen: list[tuple], horizontal: tuple, vertical: tuple, size: int, bits: int,
+                 block_rows: int | None = None):
+    """The two passes of resize.resize_chunk for its images (read as resize.oriented says, `seen`) with its
+    tables (horizontal, vertical: resize.tap_table's input index and weight in `bits`-bit fixed point): N x 3 x
+    size x size uint8, Pillow's bytes, in two kernel launches. block_rows: rows per program (any power of two
+    gives the same bytes)."""
     import torch
 
     device = images[0].device
     block_rows = block_rows or (INTERPRETED_BLOCK_ROWS if device.type == "cpu" else BLOCK_ROWS)
     n = len(images)
     shapes = [(int(i.shape[1]), int(i.shape[2])) for i in images]
-    heights, widths, flip = [v[0] for v in seen], [v[1] for v in seen], [v[6] for v in seen]
+    heights, flip = [v[0] for v in seen], [v[6] for v in seen]
     max_h = max(heights)
     packed = torch.cat([i.reshape(-1) for i in images])
     starts = np.cumsum([0] + [3 * h * w for h, w in shapes])[:-1]
     step_y = [1 if f else w for (_, w), f in zip(shapes, flip)]
     step_x = [w if f else 1 for (_, w), f in zip(shapes, flip)]
+    # per image, as the kernels read it: start, h * w, rows as read, row step, column step, transposed
     table = torch.tensor(np.stack([starts, [h * w for h, w in shapes], heights, step_y, step_x, flip], axis=1),
                          dtype=torch.int64, device=device)
-    cols, col_weights = tap_table(widths, [v[2] for v in seen], [v[5] for v in seen], size, device)
-    lines, line_weights = tap_table(heights, [v[3] for v in seen], [v[4] for v in seen], size, device)
+    (cols, col_weights), (lines, line_weights) = horizontal, vertical
     rows = torch.empty((n, 3, max_h, size), dtype=torch.uint8, device=device)
     out = torch.empty((n, 3, size, size), dtype=torch.uint8, device=device)
     constants = {"SIZE": size, "BLOCK_J": max(BLOCK_J, triton.next_power_of_2(size)), "BLOCK_ROWS": block_rows,
-                 "BITS": PRECISION_BITS}
+                 "BITS": bits}
     horizontal_pass[(n, triton.cdiv(max_h, block_rows))](packed, table, cols, col_weights, rows,
                                                           cols.shape[2], max_h, **constants)
     vertical_pass[(n, triton.cdiv(size, block_rows))](rows, table, lines, line_weights, out,
