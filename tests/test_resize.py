@@ -96,7 +96,7 @@ def pillows_weights(in_size: int, out_size: int, first: int, count: int) -> tupl
 
 def test_the_weights_are_pillows_doubles_for_a_whole_batch():
     """The batch's coefficient table holds Pillow's doubles, bit for bit (its sum of the weights included, which
-    adds tap by tap: a sum in another order is a last bit apart for ~10% of output pixels), for downscaling,
+    adds tap by tap: a sum in another order is a last bit apart for about half of the output pixels), for downscaling,
     upscaling and crop offsets, images of different windows side by side."""
     from pipeline.embed.resize import normalised_weights
 

@@ -49,7 +49,7 @@ def normalised_weights(sizes: list[int], outs: list[int], firsts: list[int], siz
     pixel it reads (xmin, N x size x 1) and its normalised weights (N x size x taps; 0 past its window), in
     float64 on `device`. Every operation is Pillow's, in its order, one IEEE operation at a time, so CPU and
     CUDA give Pillow's doubles; the weights' sum is Pillow's running sum (numpy's or torch's sum adds in
-    another order, a last bit apart in ~10% of output pixels)."""
+    another order, a last bit apart for about half of the output pixels of 396 sizes tried)."""
     import torch
 
     f64 = {"dtype": torch.float64, "device": device}
