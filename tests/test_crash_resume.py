@@ -162,3 +162,52 @@ def test_encoder_actor_killed_mid_run(tiny_models, shard_folder, tmp_path):
     keys = sorted(k for p in committed(out) for k in pq.read_table(p, columns=["key"]).column("key").to_pylist())
     assert keys == ALL_KEYS
     assert '"shards_committed": 8' in output
+
+
+def staged_parts(cfg, run_id: str, url: str, samples: int) -> list[str]:
+    """Two staged part files of one shard's embedded rows, as write_parts leaves them."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.embed.write import staging_dir
+    from pipeline.io.schema import embedding_table_schema
+    from pipeline.io.shards import shard_name
+
+    schema = embedding_table_schema(cfg.write.embedding_dtype)
+    folder = Path(staging_dir(cfg, run_id)) / shard_name(url)
+    folder.mkdir(parents=True)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(samples * 512, np.float16)), 512)
+    table = pa.table({"key": [f"k{i}" for i in range(samples)], "shard": [url] * samples,
+                      "caption": ["一只猫"] * samples, "url": [None] * samples,
+                      "status": ["ok"] * (samples - 1) + ["error"], "error": [None] * (samples - 1) + ["image_decode_failed: x"],
+                      "image_embedding": vectors, "text_embedding": vectors,
+                      "similarity": pa.array([0.5] * samples, pa.float32()), "position": list(range(samples)),
+                      "warning": [None] * samples}).cast(schema)
+    paths = [str(folder / "a.parquet"), str(folder / "b.parquet")]
+    pq.write_table(table.slice(0, samples // 2), paths[0])
+    pq.write_table(table.slice(samples // 2), paths[1])
+    return paths
+
+
+def test_a_commit_retried_after_it_committed_returns_its_counts(tiny_models, tmp_path):
+    """Ray retries a commit whose worker died (max_retries=-1). Killed after the shard's file was written and
+    while its parts were being deleted, the retry finds the parts gone: it must finish the clean-up and give
+    the same counts, not fail the shard whose file is committed (CI's chaos run caught that: a summary with a
+    failed shard whose embeddings were there, and exit 1)."""
+    import shutil
+
+    from conftest import job_config
+    from pipeline.embed.write import commit_shard, embeddings_path
+
+    cfg = job_config(tiny_models, "unused", str(tmp_path / "out"))
+    url, run_id = str(tmp_path / "00003.tar"), "run-1"
+    parts = staged_parts(cfg, run_id, url, 6)
+    first = commit_shard(cfg, run_id, url, parts, 6, {"a": 1})
+    written = Path(embeddings_path(cfg, "00003")).read_bytes()
+    assert first == {"rows": 6, "ok": 5, "error": 1, "errors_by_reason": {"image_decode_failed": 1}}
+    assert not Path(parts[0]).parent.exists()  # the parts are gone once committed
+    # the kill landed mid-deletion: some parts still there, some gone; the retry runs with the same arguments
+    Path(parts[0]).parent.mkdir()
+    shutil.copy(__file__, parts[1])  # whatever is left is not read again
+    assert commit_shard(cfg, run_id, url, parts, 6, {"a": 1}) == first
+    assert Path(embeddings_path(cfg, "00003")).read_bytes() == written and not Path(parts[0]).parent.exists()

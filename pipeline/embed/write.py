@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import uuid
 
 import numpy as np
@@ -74,13 +75,36 @@ def write_parts(batch: pa.Table, cfg: JobCfg, run_id: str) -> pa.Table:
     return pa.Table.from_pylist(out, schema=PART_SCHEMA)
 
 
+def commit_marker(cfg: JobCfg, run_id: str, url: str) -> str:
+    """Written once a shard's file is committed, before its parts are deleted; holds commit_shard's counts."""
+    return storage.join(staging_dir(cfg, run_id), f"{shard_name(url)}.committed.json")
+
+
 def commit_shard(cfg: JobCfg, run_id: str, url: str, parts: list[str], expected: int, metadata: dict) -> dict:
     """Merge a shard's parts into embeddings/{shard}.parquet in one atomic write; return its counts.
 
     A sample re-embedded by a retried task may be in two parts; the first copy is kept. Raises if the parts
     do not cover exactly the positions 0..expected-1: then nothing is committed.
+
+    Idempotent, since Ray retries a commit whose worker died: a retry before the commit marker was written
+    writes the same file again from the same parts; a retry after it (the worker killed while it deleted the
+    parts) only finishes the clean-up and returns the marker's counts.
     """
     fs, _ = storage.filesystem(cfg.output, cfg.storage)
+    marker = commit_marker(cfg, run_id, url)
+    if not fs.exists(marker):
+        counts = merge_parts(fs, cfg, url, parts, expected, metadata)
+        storage.write_atomically(fs, marker, json.dumps(counts).encode())
+    else:
+        counts = json.loads(fs.cat_file(marker))
+    staged = storage.join(staging_dir(cfg, run_id), shard_name(url))
+    if fs.exists(staged):
+        fs.rm(staged, recursive=True)
+    return counts
+
+
+def merge_parts(fs, cfg: JobCfg, url: str, parts: list[str], expected: int, metadata: dict) -> dict:
+    """commit_shard's merge and atomic write of embeddings/{shard}.parquet; its counts."""
     schema = embedding_table_schema(cfg.write.embedding_dtype, metadata)
     tables = []
     for part in parts:
@@ -98,9 +122,6 @@ def commit_shard(cfg: JobCfg, run_id: str, url: str, parts: list[str], expected:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression=cfg.write.compression)
     storage.write_atomically(fs, embeddings_path(cfg, shard_name(url)), sink.getvalue())
-    staged = storage.join(staging_dir(cfg, run_id), shard_name(url))
-    if fs.exists(staged):
-        fs.rm(staged, recursive=True)
     status = table.column("status").to_pylist()
     reasons = collections.Counter(e.split(":", 1)[0] for e in table.column("error").to_pylist() if e)
     return {"rows": table.num_rows, "ok": status.count(STATUS_OK), "error": table.num_rows - status.count(STATUS_OK),
