@@ -164,7 +164,7 @@ def test_encoder_actor_killed_mid_run(tiny_models, shard_folder, tmp_path):
     assert '"shards_committed": 8' in output
 
 
-def staged_parts(cfg, run_id: str, url: str, samples: int) -> list[str]:
+def stage_two_parts(cfg, run_id: str, url: str, samples: int) -> list[str]:
     """Two staged part files of one shard's embedded rows, as write_parts leaves them."""
     import numpy as np
     import pyarrow as pa
@@ -201,7 +201,7 @@ def test_a_commit_retried_after_it_committed_returns_its_counts(tiny_models, tmp
 
     cfg = job_config(tiny_models, "unused", str(tmp_path / "out"))
     url, run_id = str(tmp_path / "00003.tar"), "run-1"
-    parts = staged_parts(cfg, run_id, url, 6)
+    parts = stage_two_parts(cfg, run_id, url, 6)
     first = commit_shard(cfg, run_id, url, parts, 6, {"a": 1})
     written = Path(embeddings_path(cfg, "00003")).read_bytes()
     assert first == {"rows": 6, "ok": 5, "error": 1, "errors_by_reason": {"image_decode_failed": 1}}
