@@ -235,17 +235,21 @@ def test_copy_cosines_smoke(tmp_path):
     assert report["copies"]["jpeg_q60"]["min"] > report["distinct_photos"]["median"]
 
 
+def table_report(e2e: dict, **cpu) -> dict:
+    """The least report format_table takes: one fp32 run with decode_on=tasks, and the CPU rates (plus `cpu`)."""
+    return {"models": {"random_weights": False}, "ray": False, "encoder_batch_size": 8,
+            "cpu": {"decode_images_per_s_per_core": 1.0, "encoder_path_on_cpu_images_per_s_per_core": 1.0,
+                    "mean_jpeg_kb": 1.0, "tokenize_captions_per_s_per_core": 1.0, **cpu},
+            "runs": {"fp32": {"encoder_ceiling": {"pairs_per_s": 20.0, "model_load_s": 1.0},
+                              "decode_on": {"tasks": {"end_to_end": e2e, "whole_run_ratio": 0.625}}}}}
+
+
 def test_the_table_says_na_for_what_a_run_did_not_measure():
     from pipeline.bench.table import format_table
 
     e2e = {"steady_pairs_per_s": None, "whole_run_pairs_per_s": 12.5, "gpu_busy_steady": None, "startup_s": None,
            "peak_memory_mib": 900.0, "parquet_bytes_per_pair": 2100.0}
-    report = {"models": {"random_weights": False}, "ray": False, "encoder_batch_size": 8,
-              "cpu": {"decode_images_per_s_per_core": 1.0, "encoder_path_on_cpu_images_per_s_per_core": 1.0,
-                      "mean_jpeg_kb": 1.0, "tokenize_captions_per_s_per_core": 1.0},
-              "runs": {"fp32": {"encoder_ceiling": {"pairs_per_s": 20.0, "model_load_s": 1.0},
-                                "decode_on": {"tasks": {"end_to_end": e2e, "whole_run_ratio": 0.625}}}}}
-    row = format_table(report).splitlines()[1]
+    row = format_table(table_report(e2e)).splitlines()[1]
     assert row.split() == ["fp32", "tasks", "20.00", "n/a", "n/a", "12.50", "0.625", "n/a", "n/a", "1.0", "900", "2100"]
 
 
@@ -307,13 +311,8 @@ def test_the_table_gives_the_gpu_decode_rate_of_each_resize():
 
     e2e = {"steady_pairs_per_s": 10.0, "whole_run_pairs_per_s": 8.0, "gpu_busy_steady": 0.5, "startup_s": 1.0,
            "peak_memory_mib": 900.0, "parquet_bytes_per_pair": 2100.0}
-    cpu = {"decode_images_per_s_per_core": 1.0, "encoder_path_on_cpu_images_per_s_per_core": 1.0,
-           "mean_jpeg_kb": 1.0, "tokenize_captions_per_s_per_core": 1.0, "gpu_decode_resize_images_per_s": 5949.0,
-           "gpu_decode_resize_triton_images_per_s": 12000.5}
-    report = {"models": {"random_weights": False}, "ray": False, "encoder_batch_size": 512, "cpu": cpu,
-              "runs": {"fp16": {"encoder_ceiling": {"pairs_per_s": 20.0, "model_load_s": 1.0},
-                                "decode_on": {"encoder": {"end_to_end": e2e, "whole_run_ratio": 0.4}}}}}
+    report = table_report(e2e, gpu_decode_resize_images_per_s=5949.0, gpu_decode_resize_triton_images_per_s=12000.5)
     line = next(line for line in format_table(report).splitlines() if line.startswith("GPU decode"))
     assert "5949.0 images/s with the torch resize, 12000.5 with the fused Triton kernels" in line
-    cpu["gpu_decode_resize_triton_images_per_s"] = "FAILED: ImportError: no triton"
+    report["cpu"]["gpu_decode_resize_triton_images_per_s"] = "FAILED: ImportError: no triton"
     assert "FAILED: ImportError: no triton with the fused" in format_table(report)

@@ -218,8 +218,8 @@ def check_cuda_graphs_give_the_eager_embeddings(device: str, cfg: JobCfg) -> Non
 
 
 CHECKS = {check.__name__.removeprefix("check_"): check for check in (
-    check_resize_same_bytes_as_on_cpu, check_fused_resize_same_bytes_as_torch, check_device_decode_in_one_batch, check_corrupted_jpegs_get_the_exact_rows,
-    check_decode_chunks_under_the_pixel_budget, check_encoder_fixed_shape_and_streams,
+    check_resize_same_bytes_as_on_cpu, check_fused_resize_same_bytes_as_torch, check_device_decode_in_one_batch,
+    check_corrupted_jpegs_get_the_exact_rows, check_decode_chunks_under_the_pixel_budget, check_encoder_fixed_shape_and_streams,
     check_cuda_graphs_give_the_eager_embeddings)}
 
 

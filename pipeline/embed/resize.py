@@ -161,14 +161,16 @@ def resize_chunk(images: list, seen: list[tuple], size: int, kernel: str = "torc
     # per axis, each crop pixel's taps: (input index, fixed-point weight)
     cols, col_weights = tap_table(widths, [v[2] for v in seen], [v[5] for v in seen], size, device)
     lines, line_weights = tap_table(heights, [v[3] for v in seen], [v[4] for v in seen], size, device)
+    # the images' bytes in one buffer, each from its start (and a zero at the end, which padding reads)
+    packed = torch.cat([i.reshape(-1) for i in images] + [torch.zeros(1, dtype=torch.uint8, device=device)])
+    starts = np.cumsum([0] + [3 * h * w for h, w in shapes])[:-1]
     if kernel == "triton":
         from pipeline.embed.resize_kernel import fused_passes
 
-        return fused_passes(images, seen, (cols, col_weights), (lines, line_weights), size, PRECISION_BITS)
+        return fused_passes(packed, starts, shapes, seen, (cols, col_weights), (lines, line_weights), size,
+                            PRECISION_BITS)
 
-    # one packed buffer and one gather into the padded batch (padding reads the zero appended at the end)
-    packed = torch.cat([i.reshape(-1) for i in images] + [torch.zeros(1, dtype=torch.uint8, device=device)])
-    starts = np.cumsum([0] + [3 * h * w for h, w in shapes])[:-1]
+    # one gather into the padded batch
     table = torch.tensor(np.stack([starts, [h for h, _ in shapes], [w for _, w in shapes], heights, widths, flip],
                                   axis=1), dtype=torch.int64, device=device)
     start, h, w, seen_h, seen_w, t = (table[:, k].view(-1, 1, 1, 1) for k in range(6))

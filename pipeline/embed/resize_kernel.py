@@ -76,22 +76,19 @@ def vertical_pass(rows_in, table, lines, line_weights, out, taps, max_h,
         tl.store(out + (n * 3 + c) * SIZE * SIZE + at, value, mask=mask)
 
 
-def fused_passes(images: list, seen: list[tuple], horizontal: tuple, vertical: tuple, size: int, bits: int,
-                 block_rows: int | None = None):
-    """The two passes of resize.resize_chunk for its images (read as resize.oriented says, `seen`) with its
-    tables (horizontal, vertical: resize.tap_table's input index and weight in `bits`-bit fixed point): N x 3 x
-    size x size uint8, Pillow's bytes, in two kernel launches. block_rows: rows per program (any power of two
-    gives the same bytes)."""
+def fused_passes(packed, starts, shapes: list[tuple[int, int]], seen: list[tuple], horizontal: tuple,
+                 vertical: tuple, size: int, bits: int, block_rows: int | None = None):
+    """The two passes of resize.resize_chunk for its images (their bytes in `packed`, image n's 3 x h x w from
+    starts[n], h x w = shapes[n], read as resize.oriented says, `seen`) with its tables (horizontal, vertical:
+    resize.tap_table's input index and weight in `bits`-bit fixed point): N x 3 x size x size uint8, Pillow's
+    bytes, in two kernel launches. block_rows: rows per program (any power of two gives the same bytes)."""
     import torch
 
-    device = images[0].device
+    device = packed.device
     block_rows = block_rows or (INTERPRETED_BLOCK_ROWS if device.type == "cpu" else BLOCK_ROWS)
-    n = len(images)
-    shapes = [(int(i.shape[1]), int(i.shape[2])) for i in images]
+    n = len(shapes)
     heights, flip = [v[0] for v in seen], [v[6] for v in seen]
     max_h = max(heights)
-    packed = torch.cat([i.reshape(-1) for i in images])
-    starts = np.cumsum([0] + [3 * h * w for h, w in shapes])[:-1]
     step_y = [1 if f else w for (_, w), f in zip(shapes, flip)]
     step_x = [w if f else 1 for (_, w), f in zip(shapes, flip)]
     # per image, as the kernels read it: start, h * w, rows as read, row step, column step, transposed
