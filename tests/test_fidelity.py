@@ -20,6 +20,15 @@ from pipeline.embed.preprocess import preprocess, resolve_tokenizer
 from pipeline.embed.read import read_shards
 
 
+def on_white(payload: bytes) -> Image.Image:
+    """The image, transparency composited on white with PIL: the pipeline's rule, which transformers' own
+    convert_to_rgb follows only from 5.21 (before, it dropped the alpha channel; test_preprocess checks the rule)."""
+    image = Image.open(io.BytesIO(payload))
+    if "A" not in image.getbands():
+        return image
+    return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA")).convert("RGB")
+
+
 def reference_embeddings(text_dir, image_dir, images: list[bytes], captions: list[str]):
     """Fengshenbang's protocol (clip_test_flickr.py) and CLIPImageProcessor's PIL backend, no pipeline code."""
     from transformers import BertForSequenceClassification, BertTokenizer, CLIPModel
@@ -33,7 +42,7 @@ def reference_embeddings(text_dir, image_dir, images: list[bytes], captions: lis
         ids = tokenizer(captions, max_length=77, padding="max_length", truncation=True,
                         return_tensors="pt")["input_ids"]
         text = text_model(input_ids=ids).logits
-        pixels = processor(images=[Image.open(io.BytesIO(b)) for b in images], return_tensors="pt")["pixel_values"]
+        pixels = processor(images=[on_white(b) for b in images], return_tensors="pt")["pixel_values"]
         features = clip.get_image_features(pixel_values=pixels)
         image = features if isinstance(features, torch.Tensor) else features.pooler_output
     text = torch.nn.functional.normalize(text, dim=-1).numpy()

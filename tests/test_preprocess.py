@@ -36,6 +36,23 @@ def test_other_modes_decode_as_the_reference(mode):
     assert np.array_equal(decode_image(payload, 224, 10**8), reference_pixels(Image.open(io.BytesIO(payload))))
 
 
+def test_transparency_is_composited_on_white():
+    """Transparent pixels show white, half-transparent ones their blend with white, whatever colour lies under
+    them (OpenAI's clip and transformers before 5.21 drop the alpha channel instead: README, Model fidelity)."""
+    image = Image.new("RGBA", (448, 448), (10, 120, 200, 0))  # fully transparent blue
+    image.paste((250, 30, 30, 128), (224, 0, 448, 448))  # right half: red at alpha 128
+    pixels = decode_image(encode_image(image, "PNG"), 224, 10**8).astype(int)
+    assert (pixels[:, :100] == 255).all()  # away from the edge the bicubic taps see one colour
+    blend = [round((c * 128 + 255 * 127) / 255) for c in (250, 30, 30)]  # (252, 142, 142)
+    assert np.abs(pixels[:, 124:] - blend).max() <= 1
+    palette = Image.new("P", (300, 300), 0)
+    palette.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
+    palette.paste(1, (150, 0, 300, 300))
+    palette.info["transparency"] = 0  # index 0 (black) is transparent
+    pixels = decode_image(encode_image(palette, "PNG"), 224, 10**8).astype(int)
+    assert (pixels[:, :90] == 255).all() and (pixels[:, 134:] == (200, 10, 10)).all()
+
+
 def test_sixteen_bit_png_is_scaled_not_clipped():
     ramp = (np.linspace(0, 65535, 256 * 256).reshape(256, 256)).astype(np.uint16)
     payload = encode_image(Image.fromarray(ramp), "PNG")

@@ -73,3 +73,59 @@ def test_a_wrong_rounding_in_the_kernel_is_seen():
         assert sum(differing_bytes([generated(97, 61, 1)])) > 0
     finally:
         resize_kernel.fused_passes = original
+
+
+COMPILE = r"""
+import sys
+import numpy as np
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import pipeline.embed.resize_kernel as resize_kernel
+from pipeline.bench.gpu_checks import generated
+from pipeline.embed.resize import resize_center_crop_batch
+
+recorded = []
+
+
+def record(*args):  # in place of fused_passes: what it would launch, at the GPU's block of rows
+    out, passes = resize_kernel.launches(*args, block_rows=4)
+    recorded.extend(passes)
+    return out
+
+
+resize_kernel.fused_passes = record
+images = [torch.from_numpy(np.array(generated(w, h, 0))).permute(2, 0, 1).contiguous() for w, h in [(97, 61), (61, 130)]]
+resize_center_crop_batch(images, 224, kernel="triton")
+TYPES = {torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
+for capability in map(int, sys.argv[1:]):
+    for kernel, grid, args, constants in recorded:
+        names = kernel.arg_names
+        signature = {name: "*" + TYPES[a.dtype] if isinstance(a, torch.Tensor) else "i32" for name, a in zip(names, args)}
+        signature.update({name: "constexpr" for name in constants})
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                                  target=GPUTarget("cuda", capability, 32))
+        print(kernel.fn.__name__, f"sm_{capability}", len(compiled.asm["cubin"]), "bytes of machine code", flush=True)
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64",
+                    reason="triton has wheels for Linux x86-64 only")
+def test_the_kernels_compile_to_machine_code_for_a100_and_h100(tmp_path):
+    """The interpreter runs the kernels as Python, which takes code the GPU compiler refuses (a loop variable whose
+    type changes in the loop, seen passing the tests above and failing here): here both kernels are compiled, as
+    on a GPU, to A100 (sm_80) and H100/H200 (sm_90) machine code by triton's own compiler and ptxas, for the
+    arguments fused_passes gives them. No GPU needed."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compiled for real, not found in a cache
+    done = subprocess.run([sys.executable, "-c", COMPILE, "80", "90"], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiled = [line.split()[:2] for line in done.stdout.splitlines()]
+    assert compiled == [["horizontal_pass", "sm_80"], ["vertical_pass", "sm_80"],
+                        ["horizontal_pass", "sm_90"], ["vertical_pass", "sm_90"]], done.stdout

@@ -24,7 +24,7 @@ class SampleError(Exception):
 def decode_image(payload: bytes, size: int, max_pixels: int) -> np.ndarray:
     """OpenAI CLIP's image protocol as CLIPImageProcessor's PIL backend runs it, to uint8 HxWx3.
 
-    Alpha is composited on white (as transformers' convert_to_rgb), the EXIF orientation applied, the
+    Alpha is composited on white (as transformers' convert_to_rgb from 5.21), the EXIF orientation applied, the
     shortest edge resized to `size` with bicubic and the center `size`x`size` kept. The resize reads only
     the source box that lands in the crop, which gives the same pixels as resizing the whole image.
     """

@@ -45,11 +45,13 @@ def horizontal_pass(packed, table, cols, col_weights, rows_out, taps, max_h,
     mask = (y < seen_h)[:, None] & (j < SIZE)[None, :]
     for c in tl.static_range(3):
         acc = tl.full((BLOCK_ROWS, BLOCK_J), 1 << (BITS - 1), tl.int32)
-        for t in range(taps):
+        t = 0
+        while t < taps:  # not range(taps): Triton 3.6's interpreter fails on a run-time bound there
             x = tl.load(cols + (n * SIZE + j) * taps + t, mask=j < SIZE, other=0)
             w = tl.load(col_weights + (n * SIZE + j) * taps + t, mask=j < SIZE, other=0)
             pixel = tl.load(packed + start + c * plane + y[:, None] * step_y + x[None, :] * step_x, mask=mask, other=0)
             acc += pixel.to(tl.int32) * w[None, :]
+            t += 1
         value = tl.minimum(tl.maximum(acc >> BITS, 0), 255).to(tl.uint8)
         tl.store(rows_out + ((n * 3 + c) * max_h + y[:, None]) * SIZE + j[None, :], value, mask=mask)
 
@@ -67,11 +69,13 @@ def vertical_pass(rows_in, table, lines, line_weights, out, taps, max_h,
     at = tl.where(flip != 0, j[None, :] * SIZE + i[:, None], i[:, None] * SIZE + j[None, :])
     for c in tl.static_range(3):
         acc = tl.full((BLOCK_ROWS, BLOCK_J), 1 << (BITS - 1), tl.int32)
-        for t in range(taps):
+        t = 0
+        while t < taps:
             y = tl.load(lines + (n * SIZE + i) * taps + t, mask=inside, other=0)
             w = tl.load(line_weights + (n * SIZE + i) * taps + t, mask=inside, other=0)
             pixel = tl.load(rows_in + ((n * 3 + c) * max_h + y[:, None]) * SIZE + j[None, :], mask=mask, other=0)
             acc += pixel.to(tl.int32) * w[:, None]
+            t += 1
         value = tl.minimum(tl.maximum(acc >> BITS, 0), 255).to(tl.uint8)
         tl.store(out + (n * 3 + c) * SIZE * SIZE + at, value, mask=mask)
 
@@ -82,6 +86,16 @@ def fused_passes(packed, starts, shapes: list[tuple[int, int]], seen: list[tuple
     starts[n], h x w = shapes[n], read as resize.oriented says, `seen`) with its tables (horizontal, vertical:
     resize.tap_table's input index and weight in `bits`-bit fixed point): N x 3 x size x size uint8, Pillow's
     bytes, in two kernel launches. block_rows: rows per program (any power of two gives the same bytes)."""
+    out, passes = launches(packed, starts, shapes, seen, horizontal, vertical, size, bits, block_rows)
+    for kernel, grid, args, constants in passes:
+        kernel[grid](*args, **constants)
+    return out
+
+
+def launches(packed, starts, shapes: list[tuple[int, int]], seen: list[tuple], horizontal: tuple,
+             vertical: tuple, size: int, bits: int, block_rows: int | None = None):
+    """fused_passes' output buffer and its two launches, [(kernel, grid, arguments, constants)] in order
+    (tests/test_resize_kernel.py compiles the kernels for these arguments)."""
     import torch
 
     device = packed.device
@@ -99,8 +113,9 @@ def fused_passes(packed, starts, shapes: list[tuple[int, int]], seen: list[tuple
     out = torch.empty((n, 3, size, size), dtype=torch.uint8, device=device)
     constants = {"SIZE": size, "BLOCK_J": max(BLOCK_J, triton.next_power_of_2(size)), "BLOCK_ROWS": block_rows,
                  "BITS": bits}
-    horizontal_pass[(n, triton.cdiv(max_h, block_rows))](packed, table, cols, col_weights, rows,
-                                                          cols.shape[2], max_h, **constants)
-    vertical_pass[(n, triton.cdiv(size, block_rows))](rows, table, lines, line_weights, out,
-                                                       lines.shape[2], max_h, **constants)
-    return out
+    return out, [
+        (horizontal_pass, (n, triton.cdiv(max_h, block_rows)),
+         (packed, table, cols, col_weights, rows, cols.shape[2], max_h), constants),
+        (vertical_pass, (n, triton.cdiv(size, block_rows)),
+         (rows, table, lines, line_weights, out, lines.shape[2], max_h), constants),
+    ]
