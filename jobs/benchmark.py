@@ -7,12 +7,14 @@
 A GPU config first runs the GPU checks (pipeline/bench/gpu_checks.py), then also 1-4 encoders per GPU
 (--encoders-per-gpu). Where Ray is not installed (the lent GPU machine has none, and cannot install it), the
 stages run without Ray, one spawned process per encoder (pipeline/bench/inprocess.py), and every figure is
-labelled so. A run that fails half-way writes the figures it has, with the failure, and exits 1.
+labelled so. A run that fails half-way writes the figures it has, with the failure, and exits 1; the JSON
+is also written after every phase (marked "unfinished"), so a run stopped on a time limit keeps its figures.
 """
 
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -80,21 +82,33 @@ def main(argv=None) -> int:
         159 if "encoder" in placements else 0)
     report = {"tiny_models": args.tiny,
               "command": " ".join(["python", "jobs/benchmark.py", *(argv if argv is not None else sys.argv[1:])])}
+
+    def unfinished(phase: str) -> None:  # after each phase: a run killed on a time limit keeps its figures
+        write_json({**report, "unfinished": f"written after phase {phase}: the run went on, or was stopped"}, args.json)
+        log.info("phase %s done; the figures so far are in %s", phase, args.json)
+
     try:
         run_benchmark(cfg, pairs, per_shard, precisions, placements, Path(args.cache),
                       memory_check=not args.no_memory_check,
                       ceiling_seconds=args.ceiling_seconds or (8.0 if cfg.encoder.num_gpus else 20.0),
                       use_ray=use_ray, fidelity_photos=fidelity_photos, encoders_per_gpu=encoders_per_gpu,
-                      report=report)
+                      report=report, after_phase=unfinished)
     except Exception:  # a GPU hour is dear: keep what was measured before the failure
         report["failed"] = traceback.format_exc()
-        Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        write_json(report, args.json)
         log.exception("the benchmark failed; the figures measured before it are in %s", args.json)
         return 1
-    Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    write_json(report, args.json)
     print(format_table(report))
     print(f"figures written to {args.json}")
     return 0
+
+
+def write_json(report: dict, path: str) -> None:
+    """Whole or not at all (a kill while writing leaves the previous file): written beside, then renamed."""
+    beside = Path(f"{path}.partial")
+    beside.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    os.replace(beside, path)
 
 
 if __name__ == "__main__":

@@ -30,15 +30,19 @@ def without_packages(folder: Path, names) -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
 
 
+def benchmark_command(tmp_path, *args: str) -> list[str]:
+    return [sys.executable, "jobs/benchmark.py", "--tiny", "--pairs", "32", "--per-shard", "4", "--ceiling-seconds",
+            "1", "--set", "encoder.batch_size=4", "--set", "read.batch_size=4", "--fidelity-photos", "4",
+            "--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "bench.json"), *args]
+
+
 def run_benchmark_job(tmp_path, *args: str, env: dict | None = None) -> tuple[dict, str]:
-    out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, "jobs/benchmark.py", "--tiny", "--pairs", "32", "--per-shard", "4", "--ceiling-seconds", "1",
-         "--set", "encoder.batch_size=4", "--set", "read.batch_size=4", "--fidelity-photos", "4",
-         "--cache", str(tmp_path / "cache"), "--json", str(out), *args],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(benchmark_command(tmp_path, *args), cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(out.read_text()), result.stdout
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert "unfinished" not in report  # a run that ended says so
+    return report, result.stdout
 
 
 def check_end_to_end(run: dict) -> None:
@@ -138,6 +142,32 @@ def test_benchmark_runs_where_ray_is_not_installed(tmp_path):
     assert report["gpu_checks"] == {"skipped": "no CUDA GPU visible to torch"} and "GPU checks" in stdout
     check_fidelity(report)
     assert "memory_scaling" not in report  # the scaling check needs Ray's pool
+
+
+def test_a_benchmark_killed_on_a_time_limit_keeps_its_figures(tmp_path):
+    """The GPU machine runs the benchmark under a time limit that kills it: the figures of every phase that ended
+    before the kill are in the JSON, marked unfinished (here killed once its first end-to-end run has ended)."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "bench.json"
+    run = subprocess.Popen(benchmark_command(tmp_path, "--without-ray", "--precisions", "fp32"), cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and run.poll() is None:
+            if out.exists() and "fp32_tasks" in json.loads(out.read_text()).get("phase_s", {}):
+                break
+            time.sleep(0.1)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)  # the benchmark and the processes it spawned (its own session)
+        run.wait()
+    assert run.returncode == -signal.SIGKILL  # killed, not ended
+    report = json.loads(out.read_text())
+    assert report["unfinished"].startswith("written after phase ")
+    fp32 = report["runs"]["fp32"]
+    assert fp32["ceiling_before_pairs_per_s"] > 0 and fp32["decode_on"]["tasks"]["end_to_end"]["ok"] == 32
 
 
 def test_steady_clock_opens_when_every_actor_is_warm():

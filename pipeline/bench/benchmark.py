@@ -21,10 +21,13 @@ from pipeline.embed.preprocess import load_tokenizer, resolve_tokenizer, tokeniz
 
 def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str], placements: list[str],
                   cache: Path, memory_check: bool, ceiling_seconds: float, use_ray: bool,
-                  fidelity_photos: int, encoders_per_gpu: list[int] = (1,), report: dict | None = None) -> dict:
+                  fidelity_photos: int, encoders_per_gpu: list[int] = (1,), report: dict | None = None,
+                  after_phase=None) -> dict:
     """encoders_per_gpu (a GPU config): besides the runs at the config's layout, decode_on=encoder with k encoder
     actors (processes) sharing each GPU, each k with its own ceiling (its k probes timed at once). `report`: a
-    dict filled as the figures come in, so that a caller can save those of a run that fails half-way."""
+    dict filled as the figures come in, so that a caller can save those of a run that fails half-way;
+    after_phase(name) is called after each phase (the job saves the figures so far: a run killed on a time
+    limit keeps them)."""
     report = {} if report is None else report
     from pipeline.embed.model import decide_random_weights
 
@@ -34,6 +37,8 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
     def lap(name: str) -> None:  # where the run's time goes (the GPU run has 5 minutes)
         now = time.perf_counter()
         phases[name], last[0] = round(now - last[0], 1), now
+        if after_phase is not None:
+            after_phase(name)
 
     if use_ray:
         import ray
@@ -86,35 +91,36 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
         variants = (("weights_cast_per_batch",) if precision != "fp32" else ()) + (
             ("cuda_graphs",) if gpu_available() and cfg.encoder.num_gpus > 0 and not cfg.encoder.cuda_graphs else ())
         before = measure_ceiling(configured(precision), random_weights, input_ids, ceiling_seconds, use_ray, variants)
+        runs = {}  # each run's figures enter the report as it ends (lap saves them)
+        report["runs"][precision] = {"ceiling_before_pairs_per_s": before["pairs_per_s"], "decode_on": runs}
+        if variants:
+            report["runs"][precision]["ceiling_variants"] = {"as_configured": before["pairs_per_s"],
+                                                             **before["variants"]}
         lap(f"{precision}_ceiling_before")
-        runs = {}
         for placement in placements:
             with tempfile.TemporaryDirectory() as tmp:
                 runs[placement] = {"end_to_end": end_to_end(configured(precision, placement), shards,
                                                             Path(tmp) / "out", use_ray, random_weights, tokenizer)}
             lap(f"{precision}_{placement}")
         after = measure_ceiling(configured(precision), random_weights, input_ids, ceiling_seconds, use_ray)
-        lap(f"{precision}_ceiling_after")
         ceiling = max(before, after, key=lambda c: c["pairs_per_s"])
         for run in runs.values():
             e2e = run["end_to_end"]
             if e2e["steady_pairs_per_s"]:
                 run["steady_ratio"] = round(e2e["steady_pairs_per_s"] / ceiling["pairs_per_s"], 3)
             run["whole_run_ratio"] = round(e2e["pairs"] / e2e["wall_s"] / ceiling["pairs_per_s"], 3)
-        report["runs"][precision] = {"encoder_ceiling": ceiling, "ceiling_before_pairs_per_s": before["pairs_per_s"],
-                                     "ceiling_after_pairs_per_s": after["pairs_per_s"], "decode_on": runs}
-        if variants:
-            report["runs"][precision]["ceiling_variants"] = {"as_configured": before["pairs_per_s"],
-                                                             **before["variants"]}
+        report["runs"][precision].update({"encoder_ceiling": ceiling,
+                                          "ceiling_after_pairs_per_s": after["pairs_per_s"]})
+        lap(f"{precision}_ceiling_after")
         if cfg.encoder.num_gpus > 0 and list(encoders_per_gpu) != [1]:
             # k = 1 is the config's own layout: its encoder run above, against that run's ceiling
-            measured = {1: {"encoder_actors": cfg.encoder.actors, "num_gpus_each": cfg.encoder.num_gpus,
-                            "encoder_ceiling": ceiling, "end_to_end": runs["encoder"]["end_to_end"]}
-                        } if "encoder" in runs else {}
-            report["runs"][precision]["encoders_per_gpu"] = sharing_gpus(
-                configured(precision, "encoder"), encoders_per_gpu, shards, random_weights, tokenizer, input_ids,
-                ceiling_seconds, use_ray, measured)
-            lap(f"{precision}_encoders_per_gpu")
+            layouts = {1: {"encoder_actors": cfg.encoder.actors, "num_gpus_each": cfg.encoder.num_gpus,
+                           "encoder_ceiling": ceiling, "end_to_end": runs["encoder"]["end_to_end"]}
+                       } if "encoder" in runs else {}
+            report["runs"][precision]["encoders_per_gpu"] = layouts
+            sharing_gpus(configured(precision, "encoder"), encoders_per_gpu, shards, random_weights, tokenizer,
+                         input_ids, ceiling_seconds, use_ray, layouts,
+                         after_each=lambda k: lap(f"{precision}_{k}_encoders_per_gpu"))
     if memory_check and use_ray:  # once, with the last precision: memory does not depend on it
         report["memory_scaling"] = memory_scaling(configured(precisions[-1], placements[-1]), cache, per_shard,
                                                   random_weights, tokenizer)
@@ -137,15 +143,13 @@ def run_benchmark(cfg: JobCfg, pairs: int, per_shard: int, precisions: list[str]
 
 def sharing_gpus(cfg: JobCfg, encoders_per_gpu: list[int], shards: list[Path], random_weights: bool,
                  tokenizer: tuple[str, str | None], input_ids: np.ndarray, ceiling_seconds: float,
-                 use_ray: bool, measured: dict) -> dict:
+                 use_ray: bool, layouts: dict, after_each=lambda k: None) -> dict:
     """For each k: k encoders on every GPU the config's layout uses (encoder.num_gpus = its share / k), their
-    ceiling (the k probes timed at once) and the whole job; every ratio against the best ceiling of all k.
-    `measured`: layouts already run ({k: figures})."""
+    ceiling (the k probes timed at once) and the whole job, into `layouts` ({k: figures}; a k already there is
+    not run again), after_each(k) called as each ends; every ratio against the best ceiling of all k."""
     gpus = actor_range(cfg.encoder.actors)[1] * cfg.encoder.num_gpus
-    layouts = {}
     for k in encoders_per_gpu:
-        if k in measured:
-            layouts[k] = dict(measured[k])
+        if k in layouts:
             continue
         shared = dataclasses.replace(cfg, encoder=dataclasses.replace(
             cfg.encoder, num_gpus=round(cfg.encoder.num_gpus / k, 4), actors=max(1, round(gpus * k / cfg.encoder.num_gpus))))
@@ -154,6 +158,7 @@ def sharing_gpus(cfg: JobCfg, encoders_per_gpu: list[int], shards: list[Path], r
             layouts[k] = {"encoder_actors": shared.encoder.actors, "num_gpus_each": shared.encoder.num_gpus,
                           "encoder_ceiling": ceiling,
                           "end_to_end": end_to_end(shared, shards, Path(tmp) / "out", use_ray, random_weights, tokenizer)}
+        after_each(k)
     best = max(layout["encoder_ceiling"]["pairs_per_s"] for layout in layouts.values())
     for layout in layouts.values():
         e2e = layout["end_to_end"]
