@@ -86,6 +86,41 @@ def check_fused_resize_same_bytes_as_torch(device: str, cfg: JobCfg | None = Non
         assert differing == [0] * len(images), f"budget {budget}, differing bytes: {dict(zip(SHAPES, differing))}"
 
 
+def check_resize_queues_without_waiting(device: str, cfg: JobCfg | None = None) -> None:
+    """The resize (each kernel, whole and in chunks) and the decoder's placing of the read tasks' pixels queue
+    their device work without a call that makes the host wait for the device (pipeline/embed/transfer.py):
+    torch.cuda.set_sync_debug_mode("error") raises on any. (On CPU, the dry run, the same calls, unwatched.)"""
+    import pyarrow as pa
+    import torch
+
+    from pipeline.embed.device_decode import DeviceDecoder
+    from pipeline.embed.resize import resize_center_crop_batch
+
+    images = [i.to(device) for i in shapes_as_tensors()]
+    ready = np.random.default_rng(3).integers(0, 255, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    pixels = pa.array([ready[0].tobytes(), None, ready[1].tobytes(), ready[2].tobytes()], pa.binary(SIZE * SIZE * 3))
+    decoder = DeviceDecoder(torch.device(device), SIZE, MAX_PIXELS)
+
+    def batch_path() -> None:
+        for kernel in ["torch"] + (["triton"] if device == "cuda" else []):
+            for budget in (1 << 27, 1_000_000):
+                resize_center_crop_batch(images, SIZE, budget=budget, kernel=kernel)
+        placed, errors = decoder(pa.array([b"", None, b"", b""], pa.binary()), [0, 0, 0, 0], pixels)
+        assert errors == [None, "image_empty: zero-byte image member", None, None], errors
+        return placed
+
+    batch_path()  # first calls (kernel compiles, allocator growth) unwatched
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        placed = batch_path()
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert bool((placed[[0, 2, 3]].permute(0, 2, 3, 1).cpu() == torch.from_numpy(ready)).all())
+
+
 def check_device_decode_in_one_batch(device: str, cfg: JobCfg | None = None) -> None:
     """Baseline JPEGs take the device decoder (nvJPEG on CUDA) in one call, none on the CPU; the pixels are close
     to the exact path's (nvJPEG's IDCT and chroma upsampling differ from libjpeg's: BENCHMARKS.md, "GPU")."""
@@ -218,7 +253,8 @@ def check_cuda_graphs_give_the_eager_embeddings(device: str, cfg: JobCfg) -> Non
 
 
 CHECKS = {check.__name__.removeprefix("check_"): check for check in (
-    check_resize_same_bytes_as_on_cpu, check_fused_resize_same_bytes_as_torch, check_device_decode_in_one_batch,
+    check_resize_same_bytes_as_on_cpu, check_fused_resize_same_bytes_as_torch, check_resize_queues_without_waiting,
+    check_device_decode_in_one_batch,
     check_corrupted_jpegs_get_the_exact_rows, check_decode_chunks_under_the_pixel_budget, check_encoder_fixed_shape_and_streams,
     check_cuda_graphs_give_the_eager_embeddings)}
 

@@ -7,6 +7,7 @@
     resize_kernel.py  the same resize's two passes as fused Triton kernels (read.device_resize=triton)
     device_decode.py  read.decode_on=encoder: which JPEGs the device may take (header, compressed data), and
                       their decode + resize on the encoder's own device in chunks (nvJPEG on a GPU)
+    transfer.py       host values onto the device without making the host wait (pinned, non-blocking copies)
     model.py          the towers' weights: Hub id or local folder, or random weights of the real architectures
     encode.py         the two Taiyi-CLIP towers in a Ray actor: pixels + token ids -> L2-normalised embeddings,
                       always at encoder.batch_size (optionally as CUDA graphs)

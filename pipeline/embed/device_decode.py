@@ -26,6 +26,7 @@ from PIL import Image
 from pipeline.config import ReadCfg
 from pipeline.embed.image import MAX_EXACT_ASPECT, SampleError, decode_image, resize_geometry
 from pipeline.embed.resize import resize_center_crop_batch
+from pipeline.embed.transfer import host_to_device
 
 EXIF_ORIENTATION = 0x0112
 JPEG_START = b"\xff\xd8"
@@ -222,9 +223,9 @@ class DeviceDecoder:
         for chunk in chunks_under(areas, self.chunk_pixels):  # one batched decode and resize per chunk
             decoded = [(i, image) for i, image in zip(chunk, self.decode_jpegs([payloads[i] for i in chunk]))
                        if image is not None]
-            if decoded:
-                images[[i for i, _ in decoded]] = resize_center_crop_batch([image for _, image in decoded], self.size,
-                                                                           kernel=self.resize)
+            if decoded:  # indexed by a device tensor (transfer.py: a list would make the host wait)
+                at = host_to_device([i for i, _ in decoded], torch.int64, self.device)
+                images[at] = resize_center_crop_batch([image for _, image in decoded], self.size, kernel=self.resize)
             done |= {i for i, _ in decoded}
         self.on_device += len(done)
         if isinstance(pixels, pa.ChunkedArray):
@@ -234,7 +235,8 @@ class DeviceDecoder:
             ready = [i for i, valid in enumerate(pixels.is_valid().to_pylist()) if valid and i not in done]
             block = read_only_tensor(pixels.take(ready).buffers()[1])  # one host copy (the take) for all of them
             block = block[: len(ready) * self.size * self.size * 3].view(len(ready), self.size, self.size, 3)
-            images[ready] = block.to(self.device).permute(0, 3, 1, 2)
+            images[host_to_device(ready, torch.int64, self.device)] = host_to_device(
+                block, torch.uint8, self.device).permute(0, 3, 1, 2)
             done |= set(ready)
         errors: list[str | None] = [None] * len(payloads)
         exact = [i for i in range(len(payloads)) if i not in done]

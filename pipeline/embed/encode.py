@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from pipeline.config import JobCfg
 from pipeline.embed.model import load_towers
+from pipeline.embed.transfer import host_to_device
 from pipeline.io.schema import EMBEDDING_DIM, STATUS_ERROR, STATUS_OK
 
 log = logging.getLogger(__name__)
@@ -218,12 +219,7 @@ class Encoder:
 
     def to_device(self, array: np.ndarray):
         """A host array on the device; on CUDA through pinned memory, so the copy does not hold up the host."""
-        import torch
-
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-        if self.device.type == "cuda":
-            tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=True)
+        return host_to_device(np.ascontiguousarray(array), None, self.device)
 
     def embed_images(self, images):
         """L2-normalised float32 image features (a torch tensor on the device) for uint8 NHWC pixels (numpy)
@@ -317,7 +313,7 @@ class Encoder:
                     errors[i] = error
                 decoded = np.flatnonzero([e is None for e in decode_errors])
                 if len(decoded) < len(todo):
-                    images, todo = images[torch.as_tensor(decoded, device=images.device)], todo[decoded]
+                    images, todo = images[host_to_device(decoded, torch.int64, images.device)], todo[decoded]
             else:
                 images = self.pixels(batch)[todo]
             if len(todo) and self.texts:

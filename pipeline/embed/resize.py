@@ -22,6 +22,7 @@ import math
 import numpy as np
 
 from pipeline.embed.image import resize_geometry
+from pipeline.embed.transfer import host_to_device
 
 PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images
 SUPPORT = 2.0        # bicubic
@@ -54,11 +55,11 @@ def normalised_weights(sizes: list[int], outs: list[int], firsts: list[int], siz
 
     f64 = {"dtype": torch.float64, "device": device}
     taps = max(window(i, o) for i, o in zip(sizes, outs))
-    in_size = torch.tensor(sizes, **f64).view(-1, 1, 1)
-    scale = in_size / torch.tensor(outs, **f64).view(-1, 1, 1)
+    in_size, out_size, first = host_to_device([sizes, outs, firsts], torch.float64, device).view(3, -1, 1, 1)
+    scale = in_size / out_size
     filterscale = scale.clamp(min=1.0)
     support = SUPPORT * filterscale
-    out = torch.tensor(firsts, **f64).view(-1, 1, 1) + torch.arange(size, **f64).view(1, -1, 1)
+    out = first + torch.arange(size, **f64).view(1, -1, 1)
     center = (out + 0.5) * scale
     ss = 1.0 / filterscale
     xmin = torch.trunc(center - support + 0.5).clamp(min=0)
@@ -83,7 +84,7 @@ def tap_table(sizes: list[int], outs: list[int], firsts: list[int], size: int, d
     scaled = weights * (1 << PRECISION_BITS)
     fixed = torch.where(weights < 0, torch.trunc(scaled - 0.5), torch.trunc(scaled + 0.5)).to(torch.int32)
     index = xmin + torch.arange(weights.shape[-1], dtype=torch.float64, device=device).view(1, 1, -1)
-    inside = index < torch.tensor(sizes, dtype=torch.float64, device=device).view(-1, 1, 1)
+    inside = index < host_to_device(sizes, torch.float64, device).view(-1, 1, 1)
     return torch.where(inside, index, 0.0).to(torch.int64), torch.where(inside, fixed, 0)
 
 
@@ -111,17 +112,22 @@ def resize_center_crop_batch(images: list, size: int, budget: int = 1 << 27, ker
     out = torch.zeros((len(images), 3, size, size), dtype=torch.uint8, device=device)
     seen = [oriented(int(i.shape[1]), int(i.shape[2]), size) for i in images]
     extents = [(v[0], size) if kernel == "triton" else padded_extent(v, size) for v in seen]
+
+    def resize_into_out(chunk: list[int]) -> None:  # a device index: a list would be copied, and waited for
+        out[host_to_device(chunk, torch.int64, device)] = resize_chunk([images[j] for j in chunk],
+                                                                       [seen[j] for j in chunk], size, kernel)
+
     chunk, rows, columns = [], 0, 0
     # largest first; the chunk's cost kept as running maxima (this runs on the actor's host thread, per batch)
     for i in sorted(range(len(images)), key=lambda i: -extents[i][0] * extents[i][1]):
         grown = max(rows, extents[i][0]), max(columns, extents[i][1])
         if chunk and (len(chunk) + 1) * 3 * grown[0] * grown[1] > budget:
-            out[chunk] = resize_chunk([images[j] for j in chunk], [seen[j] for j in chunk], size, kernel)
+            resize_into_out(chunk)
             chunk, grown = [], extents[i]
         chunk.append(i)
         rows, columns = grown
     if chunk:
-        out[chunk] = resize_chunk([images[j] for j in chunk], [seen[j] for j in chunk], size, kernel)
+        resize_into_out(chunk)
     return out
 
 
@@ -171,8 +177,8 @@ def resize_chunk(images: list, seen: list[tuple], size: int, kernel: str = "torc
                             PRECISION_BITS)
 
     # one gather into the padded batch
-    table = torch.tensor(np.stack([starts, [h for h, _ in shapes], [w for _, w in shapes], heights, widths, flip],
-                                  axis=1), dtype=torch.int64, device=device)
+    table = host_to_device(np.stack([starts, [h for h, _ in shapes], [w for _, w in shapes], heights, widths, flip],
+                                    axis=1), torch.int64, device)
     start, h, w, seen_h, seen_w, t = (table[:, k].view(-1, 1, 1, 1) for k in range(6))
     c = torch.arange(3, device=device).view(1, 3, 1, 1)
     y = torch.arange(max_h, device=device).view(1, 1, max_h, 1)

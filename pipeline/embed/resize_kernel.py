@@ -25,6 +25,8 @@ import numpy as np
 import triton
 import triton.language as tl
 
+from pipeline.embed.transfer import host_to_device
+
 BLOCK_J = 256   # the crop's columns (224) in one block of lanes
 BLOCK_ROWS = 4  # rows per program on a GPU
 INTERPRETED_BLOCK_ROWS = 64  # in Triton's interpreter (CPU tensors): fewer, larger programs run faster
@@ -106,8 +108,8 @@ def launches(packed, starts, shapes: list[tuple[int, int]], seen: list[tuple], h
     step_y = [1 if f else w for (_, w), f in zip(shapes, flip)]
     step_x = [w if f else 1 for (_, w), f in zip(shapes, flip)]
     # per image, as the kernels read it: start, h * w, rows as read, row step, column step, transposed
-    table = torch.tensor(np.stack([starts, [h * w for h, w in shapes], heights, step_y, step_x, flip], axis=1),
-                         dtype=torch.int64, device=device)
+    table = host_to_device(np.stack([starts, [h * w for h, w in shapes], heights, step_y, step_x, flip], axis=1),
+                           torch.int64, device)
     (cols, col_weights), (lines, line_weights) = horizontal, vertical
     rows = torch.empty((n, 3, max_h, size), dtype=torch.uint8, device=device)
     out = torch.empty((n, 3, size, size), dtype=torch.uint8, device=device)
