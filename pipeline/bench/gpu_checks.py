@@ -101,7 +101,7 @@ def check_resize_queues_without_waiting(device: str, cfg: JobCfg | None = None) 
     pixels = pa.array([ready[0].tobytes(), None, ready[1].tobytes(), ready[2].tobytes()], pa.binary(SIZE * SIZE * 3))
     decoder = DeviceDecoder(torch.device(device), SIZE, MAX_PIXELS)
 
-    def batch_path() -> None:
+    def batch_path():  # the decoder's images, with the read tasks' pixels placed
         for kernel in ["torch"] + (["triton"] if device == "cuda" else []):
             for budget in (1 << 27, 1_000_000):
                 resize_center_crop_batch(images, SIZE, budget=budget, kernel=kernel)

@@ -246,7 +246,7 @@ class DeviceDecoder:
             except SampleError as exc:
                 errors[i] = str(exc)
                 continue
-            images[i] = torch.tensor(exact_pixels).permute(2, 0, 1).to(self.device)
+            images[i] = host_to_device(exact_pixels, None, self.device).permute(2, 0, 1)
         self.from_tasks += len(ready)
         self.on_cpu += len(exact)
         return images, errors
