@@ -12,9 +12,7 @@ is also written after every phase (marked "unfinished"), so a run stopped on a t
 """
 
 import argparse
-import json
 import logging
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -56,7 +54,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from pipeline.bench.benchmark import run_benchmark, tiny_checkpoints
-    from pipeline.bench.table import format_table
+    from pipeline.bench.table import format_table, write_json
 
     overrides = list(args.set)
     if args.tiny:
@@ -102,13 +100,6 @@ def main(argv=None) -> int:
     print(format_table(report))
     print(f"figures written to {args.json}")
     return 0
-
-
-def write_json(report: dict, path: str) -> None:
-    """Whole or not at all (a kill while writing leaves the previous file): written beside, then renamed."""
-    beside = Path(f"{path}.partial")
-    beside.write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    os.replace(beside, path)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ def main(argv=None) -> int:
 
     from pipeline.curate.run import FilterCfg
     from pipeline.bench.dedup import copy_cosines, run_dedup_benchmark
+    from pipeline.bench.table import write_json
 
     if args.copy_cosines:
         from pipeline.config import load_config
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
                 args.partition_size or FilterCfg.dedup_partition_size, args.probes or FilterCfg.dedup_probes,
                 args.subset, args.num_cpus, concepts=args.concepts)
     report["command"] = " ".join(["python", "jobs/benchmark_dedup.py", *(argv if argv is not None else sys.argv[1:])])
-    Path(args.json).write_text(json.dumps(report, indent=2))
+    write_json(report, args.json)
     print(json.dumps(report, indent=2))
     print(f"figures written to {args.json}")
     return 0

@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     from pipeline.bench.benchmark import tiny_checkpoints
     from pipeline.bench.chaos import counted, driver_phase, make_chaos_shards, passed, worker_phase
     from pipeline.bench.samplers import machine
+    from pipeline.bench.table import write_json
 
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
         folder = Path(args.folder or tmp)
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
             print(f"{name}: " + json.dumps({k: v for k, v in report[name].items() if k != "summary"},
                                           ensure_ascii=False), flush=True)
         report["passed"] = passed(report, args.kills, args.node_losses)
-    Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    write_json(report, args.json)
     print(f"chaos {'passed' if report['passed'] else 'FAILED'}; figures written to {args.json}")
     return 0 if report["passed"] else 1
 

@@ -170,6 +170,17 @@ def test_a_benchmark_killed_on_a_time_limit_keeps_its_figures(tmp_path):
     assert fp32["ceiling_before_pairs_per_s"] > 0 and fp32["decode_on"]["tasks"]["end_to_end"]["ok"] == 32
 
 
+def test_the_figures_go_to_a_folder_that_does_not_exist_yet(tmp_path):
+    """--json results/run-7/benchmark.json: the folder is made, not a FileNotFoundError after the first phase (which
+    also lost the failure report, written to the same path)."""
+    from pipeline.bench.table import write_json
+
+    path = tmp_path / "results" / "run-7" / "benchmark.json"
+    write_json({"runs": {"fp16": {"ceiling_pairs_per_s": 1.5}}}, str(path))
+    assert json.loads(path.read_text()) == {"runs": {"fp16": {"ceiling_pairs_per_s": 1.5}}}
+    assert [p.name for p in path.parent.iterdir()] == ["benchmark.json"]  # nothing left beside it
+
+
 def test_steady_clock_opens_when_every_actor_is_warm():
     from pipeline.progress import SteadyClock
 

@@ -1,6 +1,10 @@
-"""The benchmark's figures as the table it prints."""
+"""The benchmarks' figures: the embed benchmark's table as it prints it, and each benchmark's JSON file."""
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 
 def figure(value, width: int, spec: str) -> str:
@@ -69,7 +73,7 @@ def format_table(report: dict) -> str:
                      f"{f['similarity_abs_diff_p50']:.1e}, p99 {f['similarity_abs_diff_p99']:.1e}, max "
                      f"{f['similarity_abs_diff_max']:.1e}; decided differently at min_similarity "
                      + ", ".join(f"{t}: {share:.2%}" for t, share in f["decided_differently"].items())
-                     + f"; the bound |delta similarity| <= 1e-3 is "
+                     + "; the bound |delta similarity| <= 1e-3 is "
                      + ("met" if f["similarity_abs_diff_max"] <= 1e-3 else "NOT MET"))
     if "corrupted_jpegs" in report.get("fidelity", {}):
         c = report["fidelity"]["corrupted_jpegs"]
@@ -90,3 +94,12 @@ def format_table(report: dict) -> str:
                      f"sum of per-process peak RSS {m['peak_rss_sum_mib_small']} -> {m['peak_rss_sum_mib_large']} MiB "
                      f"({m['rss_sum_growth']:+.1%})")
     return "\n".join(lines)
+
+
+def write_json(report: dict, path: str) -> None:
+    """Whole or not at all (a kill while writing leaves the previous file): written beside, then renamed. Its
+    folder is made if missing (else the first phase's figures, and the failure report, would be lost)."""
+    beside = Path(f"{path}.partial")
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    beside.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    os.replace(beside, path)
