@@ -9,7 +9,7 @@
     fidelity.py     how far read.decode_on=encoder is from the exact path (pixels, embeddings), and fp16 from fp32
     samplers.py     memory of every process, the GPU's busy fraction, the machine's facts
     photos.py       generated photo-like JPEGs and Wukong-like captions as cached shards; corrupted JPEGs
-    table.py        the printed table
+    table.py        the printed table, and each benchmark's JSON file (written whole, its folder made)
     dedup.py        the filter job's dedup at scale: planted near-duplicates, recall, time, memory
     chaos.py        the embed job under kills of its workers, actors, nodes and driver: lost, duplicated, errored
     gpu_checks.py   the CUDA paths checked on the GPU without pytest: the GPU benchmark runs them first
