@@ -45,12 +45,20 @@ def output_keys(out):
                   for k in pq.read_table(p, columns=["key"]).column("key").to_pylist())
 
 
-def test_encoder_actors_spread_one_per_gpu_across_nodes(cluster, tiny_models, tmp_path):
+def test_encoder_actors_spread_one_per_gpu_across_nodes(cluster, tiny_models, tmp_path, monkeypatch):
+    from ray.data import DataContext
+
     _, workers = cluster
     make_shards(tmp_path / "shards", N_SHARDS, PER_SHARD)
     out = tmp_path / "out"
+    # In a job this short Ray Data may hand every batch to one actor: it sends a batch to the actor on the
+    # node holding most of its blocks (ties to the lower node id), as long as that actor has fewer than 4
+    # batches in flight, and the reads are not always spread evenly (CI once saw all 48 pairs on one node;
+    # runs here: 6/42). With one batch in flight per actor, a batch that comes while the first is busy goes to
+    # the other; one shard (one read block) per batch gives 8 batches to share instead of 4.
+    monkeypatch.setattr(DataContext.get_current(), "max_tasks_in_flight_per_actor", 1)
     with encoder_placement() as placement:
-        summary = run_embed_job(gpu_config(tiny_models, tmp_path / "shards", out))
+        summary = run_embed_job(gpu_config(tiny_models, tmp_path / "shards", out, f"encoder.batch_size={PER_SHARD}"))
     assert summary["shards_committed"] == N_SHARDS and summary["samples"] == len(ALL_KEYS)
     assert output_keys(out) == ALL_KEYS  # every sample written once
     assert len(placement) == 2
