@@ -66,6 +66,25 @@ def test_every_image_gets_the_exact_paths_status_and_reason():
     assert routed_alone == [None]
 
 
+def test_the_exact_paths_pixels_reach_the_device_without_a_warning():
+    """A JPEG the device cannot take (progressive) is decoded by PIL, whose pixels are read-only memory: placed
+    on the device without torch's "not writable" UserWarning on the actor's log. In a process of its own: torch
+    gives that warning once per process, so an earlier test could hide it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = "\n".join([
+        "import torch",
+        "from pipeline.embed.device_decode import DeviceDecoder",
+        f"images, errors = DeviceDecoder(torch.device('cpu'), {SIZE}, {MAX_PIXELS})([{ROUTES['progressive'][0]!r}])",
+        "assert errors == [None], errors",
+    ])
+    result = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", script], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def photos() -> list[bytes]:
     """Photos of the benchmark's kind: crops of real photographs and textured scenes, 200-1000 px, JPEG 75-95."""

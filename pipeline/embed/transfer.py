@@ -18,7 +18,11 @@ def host_to_device(values, dtype, device):
     not waited for."""
     import torch
 
-    tensor = values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
+    if isinstance(values, torch.Tensor):
+        tensor = values
+    else:  # PIL's pixels are read-only memory, which torch warns about (once, on the actor's log): copied
+        array = np.asarray(values)
+        tensor = torch.as_tensor(array if array.flags.writeable else array.copy())
     tensor = tensor if dtype is None else tensor.to(dtype)
     device = torch.device(device)
     if device.type != "cuda":
